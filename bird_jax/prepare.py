@@ -1,0 +1,98 @@
+"""Everything the trainer needs on disk before step 0: the Med-GRIT folder, the tokenizer, the TFDS build.
+
+Each step is skipped when its output already exists, so a rerun (or a resumed run) starts training at
+once. The demo path generates the phantom set with data_gen; real runs point `data.raw_dir` at a
+Med-GRIT folder (data_gen output or the official release) and `data.tokenizer` at a Qwen-VL checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_collections
+
+from bird_jax.tokenizer import Tokenizer, load_tokenizer, train_demo_tokenizer
+
+log = logging.getLogger("bird_jax")
+
+
+@dataclass
+class PreparedData:
+  raw_dir: Path
+  tfds_dir: Path
+  tokenizer: Tokenizer
+  tokenizer_path: Path
+
+
+def raw_dir_for(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+  if config.data.raw_dir:
+    return Path(config.data.raw_dir)
+  if config.data.source == "phantom":
+    return workdir / "data" / "med_grit_phantom"
+  raise ValueError("config.data.raw_dir is empty; set --config.data.raw_dir=/path/to/med_grit_folder "
+                   "or --config.data.source=phantom")
+
+
+def ensure_raw_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+  raw = raw_dir_for(config, workdir)
+  if (raw / "manifest.json").exists() or (config.data.source != "phantom" and raw.is_dir()):
+    return raw
+  if config.data.source != "phantom":
+    raise FileNotFoundError(f"Med-GRIT folder {raw} does not exist; generate it with `python -m data_gen` "
+                            f"or fix --config.data.raw_dir")
+  from data_gen.pipeline import generate_dataset
+  from data_gen.sources.phantom import PhantomSource
+
+  kwargs = {"image_size": config.data.phantom_image_size, "seed": config.seed}
+  if config.data.phantom_cases:
+    kwargs["num_cases"] = config.data.phantom_cases
+  log.info("generating the phantom Med-GRIT set in %s", raw)
+  manifest = generate_dataset(PhantomSource(**kwargs), raw, seed=config.seed)
+  log.info("phantom set: %s", json.dumps(manifest.get("counts", {}).get("records", manifest.get("counts", {}))))
+  return raw
+
+
+def _corpus(raw: Path, system_prompt: str):
+  yield system_prompt
+  for name in sorted(raw.glob("*.json")):
+    if name.name == "manifest.json":
+      continue
+    for record in json.loads(name.read_text()):
+      for user, assistant in record["conversations"]:
+        yield user
+        yield assistant
+
+
+def ensure_tokenizer(config: ml_collections.ConfigDict, workdir: Path, raw: Path) -> tuple[Tokenizer, Path]:
+  if config.data.tokenizer:
+    path = Path(config.data.tokenizer)
+    return load_tokenizer(path, image_tokens=config.model.n_queries), path
+  path = workdir / "tokenizer"
+  if (path / "tokenizer.json").exists():
+    return load_tokenizer(path), path
+  log.info("training the demo BPE tokenizer (%d tokens) on %s", config.data.tokenizer_vocab_size, raw)
+  tok = train_demo_tokenizer(_corpus(raw, config.data.system_prompt), path, vocab_size=config.data.tokenizer_vocab_size,
+                             image_tokens=config.model.n_queries)
+  return tok, path
+
+
+def ensure_tfds(config: ml_collections.ConfigDict, workdir: Path, raw: Path) -> Path:
+  import tensorflow_datasets as tfds
+
+  from bird_jax.data.med_grit import Builder
+
+  data_dir = Path(config.data.tfds_dir) if config.data.tfds_dir else workdir / "tfds"
+  builder = Builder(config=config.data.builder_config, data_dir=str(data_dir), file_format="array_record")
+  # A no-op when this version is already built: delete <tfds_dir>/med_grit to rebuild from a changed folder.
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(raw)))
+  return data_dir
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: Path) -> PreparedData:
+  raw = ensure_raw_dataset(config, workdir)
+  tokenizer, tok_path = ensure_tokenizer(config, workdir, raw)
+  tfds_dir = ensure_tfds(config, workdir, raw)
+  return PreparedData(raw_dir=raw, tfds_dir=tfds_dir, tokenizer=tokenizer, tokenizer_path=tok_path)

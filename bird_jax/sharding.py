@@ -1,0 +1,94 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+The model names every weight and activation dimension (`embed`, `mlp`, `heads`, `vocab`, `vit_*` …);
+this module alone decides where those names live on the ('data', 'fsdp', 'tensor') mesh, so a new
+hardware target is a new config, not a model change (MaxText's `logical_axis_rules`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# FSDP shards the large weight dims, tensor parallelism the head/MLP/vocab dims, activations split their
+# batch over data+fsdp. A name missing here (or mapped to None) is replicated.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_kv", None),
+  ("activation_mlp", "tensor"),
+  ("activation_vocab", "tensor"),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  ("layers", None),
+  ("norm", None),
+  ("vit_embed", "fsdp"),
+  ("vit_heads", "tensor"),
+  ("vit_kv", None),
+  ("vit_mlp", "tensor"),
+  ("vit_layers", None),
+  ("vit_patch", None),
+  ("resampler_embed", "fsdp"),
+  ("resampler_queries", None),
+)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Fills in the single -1 so the product equals the device count; errors name the fix."""
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {shape} has more than one -1; set all but one axis explicitly")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
+    shape[shape.index(-1)] = num_devices // known
+  if int(np.prod(shape)) != num_devices:
+    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices but {num_devices} exist")
+  return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  resolved = resolve_mesh_shape(shape, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(resolved, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(resolved)
+  # Plain Mesh keeps Auto axis types: Explicit axes (jax.make_mesh's default) reject sharded contractions.
+  return Mesh(grid, MESH_AXES)
+
+
+def rules_from_config(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  if not rules:
+    return DEFAULT_RULES
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
+  """NamedShardings for a pytree produced under `nn.with_logical_partitioning` (boxed or specs)."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

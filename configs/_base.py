@@ -1,0 +1,74 @@
+"""Defaults every target config starts from (not a target itself: `--config=_base` is not offered)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from bird_jax.model.config import QwenVLConfig
+
+
+def model_config(preset: QwenVLConfig) -> ml_collections.ConfigDict:
+  """All QwenVLConfig fields, so every one of them can be overridden with --config.model.FIELD=..."""
+  return ml_collections.ConfigDict(dataclasses.asdict(preset))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/default"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  # "phantom": generate the built-in synthetic Med-GRIT set under workdir if it is not there yet;
+  # "folder": an existing Med-GRIT folder (data_gen output or the official release) in data.raw_dir.
+  c.data.source = "folder"
+  c.data.raw_dir = ""
+  c.data.builder_config = "generated"  # or "official" (released Med-GRIT file names)
+  c.data.tfds_dir = ""  # default: <workdir>/tfds
+  c.data.phantom_cases = 0  # 0 -> data_gen's default demo size
+  c.data.phantom_image_size = 128
+  c.data.tokenizer = ""  # a checkpoint dir with qwen.tiktoken, or a tokenizer.json; "" -> train a demo BPE
+  c.data.tokenizer_vocab_size = 1024
+  c.data.seq_len = 2048
+  c.data.packing = True
+  c.data.loss_on = "assistant"  # or "qwen_official"
+  c.data.worker_count = 0
+  c.data.system_prompt = "You are a helpful assistant."
+
+  c.model = model_config(QwenVLConfig.qwen_vl_chat_7b())
+  c.init_from = ""  # a Hugging Face Qwen-VL(-Chat) checkpoint directory; "" -> random init
+
+  # Mesh axes (data, fsdp, tensor); exactly one -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (1, -1, 1)
+  c.mesh.rules = ()  # () -> bird_jax.sharding.DEFAULT_RULES
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 32  # global, in sequences per optimizer step
+  c.train.grad_accum = 1  # micro-batches per step, accumulated inside the jitted step
+  c.train.lr = 2e-5
+  c.train.schedule = "cosine"  # or "constant"
+  c.train.warmup_ratio = 0.01
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.grad_clip = 1.0
+  # BiRD stage 2: ViT frozen, resampler + LLM trained.
+  c.train.train_vit = False
+  c.train.train_resampler = True
+  c.train.train_llm = True
+  c.train.log_every = 10
+  c.train.checkpoint_every = 200
+  c.train.max_to_keep = 2
+  c.train.max_minutes = 0.0  # >0: stop early (and checkpoint) after this much training time
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.at_end = True
+  c.eval.tasks = ("VG", "RO")
+  c.eval.max_examples = 0  # per task; 0 = all
+  c.eval.batch_size = 16
+  c.eval.max_new_tokens = 80
+  return c

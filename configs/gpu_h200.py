@@ -1,0 +1,17 @@
+"""BiRD fine-tuning on one 8×H200 (141 GB) node: FSDP, bf16 compute, fp32 master weights, lighter remat.
+
+  python -m bird_jax.train --config=gpu_h200 --config.init_from=/ckpt/Qwen-VL-Chat \\
+      --config.data.tokenizer=/ckpt/Qwen-VL-Chat --config.data.raw_dir=/data/med_grit
+"""
+
+from __future__ import annotations
+
+from configs import gpu_h100
+
+
+def get_config():
+  c = gpu_h100.get_config()
+  c.workdir = "runs/bird_gpu_h200"
+  c.train.grad_accum = 2
+  c.model.remat_policy = "minimal"
+  return c

@@ -1,0 +1,149 @@
+"""Tiny QwenVL: shapes/dtypes, scan == unrolled, remat == plain, image-feature placement, and it trains."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bird_jax.model import QwenVL, QwenVLConfig, init_params, param_count, trainable_mask
+from bird_jax.model.qwen import merge_image_features
+
+
+def _batch(cfg: QwenVLConfig, seed: int = 0) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """Two rows: row 0 has two images, row 1 one image and right padding."""
+  rng = np.random.default_rng(seed)
+  nq, s = cfg.n_queries, cfg.image_start_id
+  span = [s] + [s + 2] * nq + [s + 1]
+  row0 = [1, 2] + span + [3, 4] + span + [5, 6, 7]
+  row1 = [8] + span + list(rng.integers(0, 400, 6))
+  length = len(row0)
+  row1 = row1 + [0] * (length - len(row1))
+  ids = jnp.asarray([row0, row1], jnp.int32)
+  seg = jnp.asarray(np.stack([np.ones(length), np.arange(length) < 1 + len(span) + 6]).astype(np.int32))
+  px = jnp.asarray(rng.standard_normal((2, 2, cfg.image_size, cfg.image_size, 3)), jnp.float32)
+  return ids, px, seg
+
+
+def _unrolled(params: dict) -> dict:
+  """Scanned param tree -> unrolled names (h/x -> h_i/x), to compare scan with the Python loop."""
+  params = nn.unbox(params)
+  out = {"visual": dict(params["visual"]), "llm": dict(params["llm"])}
+  for tower, key in (("visual", "resblocks"), ("llm", "h")):
+    stacked = out[tower].pop(key)
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n):
+      out[tower][f"{key}_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return out
+
+
+def test_shapes_dtypes_and_param_tree():
+  cfg = QwenVLConfig.tiny()
+  params = init_params(cfg, jax.random.key(0))
+  assert set(params) == {"visual", "llm"}
+  assert {"attn_pool", "ln_post", "proj", "conv1", "positional_embedding"} <= set(params["visual"])
+  ids, px, seg = _batch(cfg)
+  logits = QwenVL(cfg).apply({"params": params}, ids, px, segment_ids=seg)
+  assert logits.shape == (2, ids.shape[1], cfg.vocab_size) and logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+  # every leaf is annotated with logical axis names of the right rank
+  boxed = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert all(isinstance(b, nn.LogicallyPartitioned) and len(b.names) == b.value.ndim for b in boxed)
+  assert param_count(params) > 0
+
+
+def test_bf16_compute_keeps_float32_logits_and_params():
+  cfg = QwenVLConfig.tiny(dtype="bfloat16", param_dtype="float32")
+  params = init_params(cfg, jax.random.key(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(params)))
+  ids, px, seg = _batch(cfg)
+  logits = QwenVL(cfg).apply({"params": params}, ids, px, segment_ids=seg)
+  assert logits.dtype == jnp.float32
+  ref = QwenVL(QwenVLConfig.tiny()).apply({"params": params}, ids, px, segment_ids=seg)
+  err = float(jnp.max(jnp.abs(logits - ref)))
+  assert 0 < err < 0.1 * float(jnp.max(jnp.abs(ref))), err
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "minimal"])
+def test_scan_matches_unrolled(remat):
+  cfg_scan = QwenVLConfig.tiny(scan_layers=True, remat_policy=remat)
+  cfg_loop = dataclasses.replace(cfg_scan, scan_layers=False)
+  params = init_params(cfg_scan, jax.random.key(1))
+  assert params["llm"]["h"]["ln_1"]["scale"].names == ("layers", "norm")
+  assert params["visual"]["resblocks"]["ln_1"]["scale"].names == ("vit_layers", "norm")
+  ids, px, seg = _batch(cfg_scan)
+  a = QwenVL(cfg_scan).apply({"params": params}, ids, px, segment_ids=seg)
+  b = QwenVL(cfg_loop).apply({"params": _unrolled(params)}, ids, px, segment_ids=seg)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+  # gradients agree too (remat changes recomputation, not values)
+  loss = lambda p, c: jnp.mean(QwenVL(c).apply({"params": p}, ids, px, segment_ids=seg) ** 2)
+  ga = _unrolled(jax.grad(loss)(nn.unbox(params), cfg_scan))
+  gb = jax.grad(loss)(_unrolled(params), cfg_loop)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+
+
+def test_image_features_land_after_each_img_token():
+  nq, start = 3, 50
+  ids = jnp.asarray([[1, start, 9, 9, 9, start + 1, 2, start, 9, 9, 9, start + 1],
+                     [start, 9, 9, 9, start + 1, 3, 4, 5, 6, 7, 8, start]], jnp.int32)
+  hidden = jnp.zeros((2, 12, 1))
+  feats = jnp.arange(1, 2 * 2 * nq + 1, dtype=jnp.float32).reshape(2, 2 * nq, 1)
+  out = np.asarray(merge_image_features(hidden, ids, feats, 2, start, nq))[..., 0]
+  np.testing.assert_array_equal(out[0], [0, 0, 1, 2, 3, 0, 0, 0, 4, 5, 6, 0])
+  # row 1: first image placed; the second <img> at the very end has no room, nothing overwritten
+  np.testing.assert_array_equal(out[1], [0, 7, 8, 9, 0, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_pixels_change_only_image_and_later_positions():
+  cfg = QwenVLConfig.tiny()
+  params = init_params(cfg, jax.random.key(2))
+  ids, px, seg = _batch(cfg)
+  model = QwenVL(cfg)
+  a = model.apply({"params": params}, ids, px, segment_ids=seg)
+  b = model.apply({"params": params}, ids, px.at[0, 1].set(0.0), segment_ids=seg)  # 2nd image of row 0
+  second_img = int(np.flatnonzero(np.asarray(ids[0]) == cfg.image_start_id)[1])
+  diff = np.abs(np.asarray(a - b)).max(-1)
+  assert diff[0, : second_img + 1].max() == 0  # causal: nothing before the features changes
+  assert diff[0, second_img + 1:].min() > 0
+  assert diff[1].max() == 0  # other row untouched
+
+
+def test_tiny_model_trains():
+  cfg = QwenVLConfig.tiny(scan_layers=True, remat_policy="minimal")
+  params = nn.unbox(init_params(cfg, jax.random.key(3)))
+  ids, px, seg = _batch(cfg)
+  model = QwenVL(cfg)
+  mask = trainable_mask(params)
+  assert not mask["visual"]["conv1"]["kernel"] and not mask["visual"]["attn_pool"]["pos_embed"]
+  assert mask["visual"]["attn_pool"]["query"] and mask["llm"]["lm_head"]
+  tx = optax.masked(optax.adam(3e-3), mask)
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, ids, px, segment_ids=seg)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+    w = (seg[:, 1:] > 0).astype(jnp.float32)
+    return jnp.sum(ce * w) / jnp.sum(w)
+
+  @jax.jit
+  def step(p, opt):
+    loss, g = jax.value_and_grad(loss_fn)(p)
+    updates, opt = tx.update(g, opt, p)
+    # masked-out leaves pass their raw gradient through; zero them (frozen params)
+    updates = jax.tree.map(lambda u, m: u if m else jnp.zeros_like(u), updates, mask)
+    return optax.apply_updates(p, updates), opt, loss
+
+  opt = tx.init(params)
+  losses = []
+  p = params
+  for _ in range(8):
+    p, opt, loss = step(p, opt)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0] - 0.5, losses
+  np.testing.assert_array_equal(np.asarray(p["visual"]["conv1"]["kernel"]),
+                                np.asarray(params["visual"]["conv1"]["kernel"]))

@@ -271,7 +271,7 @@ class HFTokenizer(Tokenizer):
     try:
       self._hf = HFTok.from_file(str(tokenizer_json))
     except Exception as e:  # the Rust error does not name the file
-      raise ValueError(f"{tokenizer_json}: cannot be read by HF tokenizers ({e}); retrain or re-save it") from e
+      raise ValueError(f"{tokenizer_json}: cannot be read by HF tokenizers ({e}); retrain/re-save it") from e
     cfg_path = tokenizer_json.parent / DEMO_CONFIG_NAME
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     if image_tokens is None:

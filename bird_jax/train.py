@@ -136,7 +136,9 @@ def create_state_shardings(model_cfg, tx_builder, mesh, rules, seed: int):
   abstract_params = nn.unbox(boxed)
   tx = tx_builder(abstract_params)
   # Optimizer-state shardings follow from the params' through XLA's propagation (moments are zeros_like).
-  opt_shardings = jax.jit(tx.init, in_shardings=(param_shardings,)).lower(abstract_params).compile().output_shardings
+  compiled = jax.jit(tx.init, in_shardings=(param_shardings,)).lower(abstract_params).compile()
+  opt_shardings = jax.tree.map(
+    lambda s: s if isinstance(s, jax.sharding.NamedSharding) else shd.replicated(mesh), compiled.output_shardings)
   state_shardings = {"step": shd.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
 
   def init_state():

@@ -53,6 +53,7 @@ MII_QUESTIONS = (
   "What does this image show?",
   "Give an overall description of the image.",
 )
+MII_MAX_DETAILS = 4
 QUESTIONS = {"VG": VG_QUESTIONS, "RO": RO_QUESTIONS, "GC": GC_QUESTIONS, "MII": MII_QUESTIONS}
 # How often each task type opens a turn in a training conversation (renormalised over what is available).
 TASK_WEIGHTS = {"VG": 0.35, "RO": 0.3, "GC": 0.2, "MII": 0.15}
@@ -199,7 +200,9 @@ def mii_answer(f: ImageFacts) -> str:
   n = len(f.objects)
   parts = [f"This is {_article(head)} {head} image. It shows {n} labelled structure{'s' if n != 1 else ''}: "
            f"{listed}."]
-  for o in sorted(f.objects, key=lambda o: (o.box[1], o.box[0])):
+  # Detail only the largest few: real slices carry 15+ masks, and BiRD decodes MII with max_new_tokens=100.
+  largest = sorted(f.objects, key=lambda o: -o.area_frac)[:MII_MAX_DETAILS]
+  for o in sorted(largest, key=lambda o: (o.box[1], o.box[0])):
     parts.append(f"The {o.name} is {_article(o.size)} {o.size} {o.shape} region in the {o.position}, "
                  f"{o.contrast} the surrounding tissue.")
   return " ".join(parts)

@@ -60,11 +60,24 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 def make_temp_dir(out: Path) -> Path:
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
+  for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run (not by a live one)
+    pid = stale.name.rsplit(".tmp-", 1)[1].split("-")[0]
+    if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+      continue
     shutil.rmtree(stale, ignore_errors=True)
   tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   (tmp / "images").mkdir(parents=True)
   return tmp
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def publish(tmp: Path, out: Path) -> None:

@@ -182,6 +182,22 @@ def test_idempotent_and_overwrite(tmp_path):
     generate_dataset(_tiny_source(), junk)
 
 
+class _Exploding:
+  name = "exploding"
+
+  def __iter__(self):
+    yield from list(_tiny_source())[:3]
+    raise RuntimeError("disk went away")
+
+
+def test_failed_run_leaves_nothing_behind(tmp_path):
+  stale = tmp_path / ".ds.tmp-999999999-deadbeef"  # from a killed run (no such pid)
+  (stale / "images").mkdir(parents=True)
+  with pytest.raises(RuntimeError, match="disk went away"):
+    generate_dataset(_Exploding(), tmp_path / "ds")
+  assert list(tmp_path.iterdir()) == []
+
+
 class _ListSource:
   """A source over a fixed list of samples, with a skip report of its own (like a file-based source)."""
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_gen.boxes import denormalize_box, label_to_name, mask_extents, mask_to_boxes
+from data_gen.boxes import denormalize_box, label_to_name, mask_extents, mask_to_boxes, parse_boxes
 from data_gen.pipeline import generate_dataset
 from data_gen.sources.base import modality_from_id
 from data_gen.sources.png_folder import PngFolderSource
@@ -23,9 +23,10 @@ DEMO = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sam_med2d_
 def _mask_file_extents() -> dict[str, dict[str, list[tuple]]]:
   """image stem -> raw label -> pixel extents, read straight from the fixture's mask files."""
   out: dict[str, dict[str, list[tuple]]] = {}
+  stems = [p.stem for p in (DEMO / "images").glob("*.png")]
   for p in sorted((DEMO / "masks").glob("*.png")):
-    m = re.match(r"^(.+?_\d+)_(.+)_(\d{3})$", p.stem)
-    stem, label = m.group(1), m.group(2)
+    stem = next(s for s in stems if p.stem.startswith(s + "_"))
+    label = p.stem[len(stem) + 1:-4]
     out.setdefault(stem, {}).setdefault(label, []).append(mask_extents(np.asarray(Image.open(p)) > 0))
   return out
 
@@ -74,7 +75,7 @@ def test_demo_fixture_through_pipeline(tmp_path):
     for _, a in r["conversations"]:
       mm = re.fullmatch(r"<ref>([^<]+)</ref>((?:<box>\(\d+,\d+\),\(\d+,\d+\)</box>)+)", a)
       if mm:
-        boxes = [tuple(int(v) for v in g) for g in re.findall(r"\((\d+),(\d+)\),\((\d+),(\d+)\)", mm.group(2))]
+        boxes = parse_boxes(mm.group(2))
         assert sorted(denormalize_box(b, w, h) for b in boxes) == sorted(names[stem_of[r["id"]]][mm.group(1)])
         seen_vg += 1
   assert seen_vg >= 2
@@ -110,9 +111,11 @@ def test_demo_layout_bad_inputs_counted(tmp_path):
   _png(root / "masks" / "case_4_liver_000.png", _mask())
   _png(root / "masks" / "case_2_liver_000.png", _mask(box=(30, 10, 50, 20)))
   index = {
-    "data_demo/images/case_1.png": ["data_demo/masks/case_1_liver_000.png", "data_demo/masks/case_1_spleen_000.png",
-                                    "data_demo/masks/case_1_aorta_000.png", "data_demo/masks/case_1_heart_000.png",
-                                    "../../../etc/passwd", "data_demo/masks/case_2_liver_000.png"],
+    "data_demo/images/case_1.png": [
+      "data_demo/masks/case_1_liver_000.png", "data_demo/masks/case_1_spleen_000.png",
+      "data_demo/masks/case_1_aorta_000.png", "data_demo/masks/case_1_heart_000.png",  # heart: missing
+      "../../../etc/passwd", "data_demo/masks/case_2_liver_000.png",  # traversal; another image's mask
+    ],
     "data_demo/images/case_3.png": ["data_demo/masks/case_3_liver_000.png"],
     "data_demo/images/case_4.png": ["data_demo/masks/case_4_liver_000.png"],
     "data_demo/images/missing_9.png": ["data_demo/masks/missing_9_liver_000.png"],
@@ -123,7 +126,8 @@ def test_demo_layout_bad_inputs_counted(tmp_path):
                                                           "data_demo/images/case_2.png"}))
   src = SamMed2DSource(root)
   samples = list(src)
-  assert [s.image_id for s in samples] == ["ct_00--SAM-Med2D_demo--case--z_0001", "ct_00--SAM-Med2D_demo--case--z_0002"]
+  assert [s.image_id for s in samples] == ["ct_00--SAM-Med2D_demo--case--z_0001",
+                                           "ct_00--SAM-Med2D_demo--case--z_0002"]
   assert [i.label for i in samples[0].instances] == ["liver"]
   c = src.skips.counts
   assert c["empty mask"] == 1 and c["mask size mismatch"] == 1 and c["missing mask file"] == 1
@@ -146,9 +150,10 @@ def _release(tmp_path: Path, with_index: bool = True) -> Path:
   _png(root / "images" / f"{img_c}.png", _img(seed=4, rgb=True))  # real colour stays RGB
   _png(root / "images" / f"{img_d}.png", _mask())  # a "binary image": skipped
   masks = {
-    img_a: {"0000_000": _mask(), "0003_000": _mask(box=(40, 2, 55, 10)), "0003_001": _mask(box=(30, 30, 40, 38)),
-            "0007_000": _mask(), "0009_000": _mask()},
-    img_b: {"0000_000": _mask(box=(0, 0, 59, 39)), "0001_000": _mask(box=(1, 1, 3, 3))},
+    img_a: {"0000_000": _mask(), "0003_000": _mask(box=(40, 2, 55, 10)),
+            "0003_001": _mask(box=(30, 30, 40, 38)), "0007_000": _mask(), "0009_000": _mask(),
+            "0004_000": _mask(box=(0, 0, 59, 39))},
+    img_b: {"0000_000": _mask(box=(2, 2, 20, 20)), "0001_000": _mask(box=(1, 1, 3, 3))},
     img_c: {"0002_000": _mask(box=(10, 10, 30, 30))},
     img_d: {"0000_000": _mask()},
   }
@@ -160,7 +165,8 @@ def _release(tmp_path: Path, with_index: bool = True) -> Path:
       index[f"images/{stem}.png"].append(f"masks/{stem}--{suffix}.png")
   index[f"images/{img_a}.png"].append(f"masks/{img_b}--0000_000.png")  # belongs to another image
   mapping = {
-    "AbdomenCT1K": {"liver": "0000", "kidney": "0003", "union_abdomen": "0007"},  # 0009 unmapped
+    # 0009 is unmapped
+    "AbdomenCT1K": {"liver": "0000", "kidney": "0003", "union_abdomen": "0007", "body": "0004"},
     "covid_19_ct_cxr": {"lung_left": "0000", "class1": "0001"},
     "BraTS2021": {"edema": "0002"},
     "Brain_PTM": {"tract": "0000"},
@@ -193,7 +199,7 @@ def test_release_layout(tmp_path, with_index):
     assert c["mask name does not match image"] == 1
   out = tmp_path / "out"
   m = generate_dataset(src, out, test_fraction=0.0, write_stats=False)
-  assert m["counts"]["images"]["train"] == {"ct": 1, "mr": 1}  # the x-ray lost its only masks
+  assert m["counts"]["images"]["train"] == {"ct": 1, "mr": 1, "x": 1}
   text = (out / "train.json").read_text()
   assert "mr_t1--BraTS2021--BraTS2021_00218--z_0141" in text
 

@@ -33,7 +33,8 @@ def _bad_records(root: Path) -> list:
     {"id": "ct_00--Bad--d--z", "conversations": [["Where is it?", "here"]]},       # malformed (no <img>)
     {"id": "ct_00--Bad--e--z", "conversations": [[q.format("images/x.png"), ""]]},  # malformed (empty)
     {"id": "ct_00--Bad--f--z", "conversations": [[q.format("../outside.png"), "a"]]},  # unsafe_path
-    {"id": "ct_00--Bad--g--z", "conversations": [[q.format(str(root.parent / "outside.png")), "a"]]},  # unsafe
+    {"id": "ct_00--Bad--g--z",
+     "conversations": [[q.format(str(root.parent / "outside.png")), "a"]]},       # unsafe_path (absolute)
     {"id": "../../etc", "conversations": [[q.format("images/x.png"), "a"]]},      # unsafe_path (id)
     {"id": "ct_00--Bad--h--z", "conversations": [[q.format("images/nope.png"), "a"]]},  # missing_image
     {"id": "ct_00--Bad--corrupt--z_0000",
@@ -98,12 +99,15 @@ def test_official_config_layout(tmp_path):
   rng = np.random.default_rng(0)
   ids = ["ct_00--AbdomenCT1K--Case_00220--x_0359", "x_ray--Chest_Image_Pneum--abc123--2d_none",
          "dermoscopy_00--isic2018_task1--ISIC_0014156--2d_none"]
-  Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8)).save(manual / "SAMed2D_v1/images" / f"{ids[0]}.png")
-  Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(manual / "images" / f"{ids[1]}.png")
+  gray = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+  rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+  Image.fromarray(gray).save(manual / "SAMed2D_v1" / "images" / f"{ids[0]}.png")
+  Image.fromarray(rgb).save(manual / "images" / f"{ids[1]}.png")
   # ids[2] has no image anywhere -> skipped.
 
   def rec(i: str, q: str, a: str) -> dict:
-    return {"id": i, "conversations": [[f"Picture 1: <img>/root/paddlejob/SAMed2D_v1/images/{i}.png</img>\n{q}", a]]}
+    user = f"Picture 1: <img>/root/paddlejob/SAMed2D_v1/images/{i}.png</img>\n{q}"
+    return {"id": i, "conversations": [[user, a]]}
 
   (manual / "0301_CombinedAll_7.5w_train1_chatlm_img_coord2.json").write_text(json.dumps(
     [rec(ids[0], "Where is the liver?", "<ref>liver</ref><box>(1,2),(30,40)</box>"),
@@ -143,8 +147,8 @@ def test_phantom_fallback_without_manual_dir(tmp_path):
 def test_tfds_console_script_builds_without_tensorflow(folder, tmp_path):
   root, written = folder
   out = tmp_path / "tfds"
-  proc = subprocess.run([str(TFDS_BIN), "build", "med_grit", "--data_dir", str(out), "--manual_dir", str(root)],
-                        capture_output=True, text=True, timeout=120)
+  cmd = [str(TFDS_BIN), "build", "med_grit", "--data_dir", str(out), "--manual_dir", str(root)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "skipped 11 of 17 records" in proc.stderr
   prepared = out / "med_grit" / "generated" / "1.0.0"

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from bird_jax.model import QwenVL, QwenVLConfig, init_params, param_count, trainable_mask
 from bird_jax.model.qwen import merge_image_features
@@ -30,6 +29,14 @@ def _batch(cfg: QwenVLConfig, seed: int = 0) -> tuple[jnp.ndarray, jnp.ndarray, 
   return ids, px, seg
 
 
+def _init(cfg: QwenVLConfig, seed: int) -> dict:
+  return jax.jit(lambda k: init_params(cfg, k))(jax.random.key(seed))
+
+
+def _apply(cfg: QwenVLConfig, params, ids, px, seg):
+  return jax.jit(lambda p, i, x, s: QwenVL(cfg).apply({"params": p}, i, x, segment_ids=s))(params, ids, px, seg)
+
+
 def _unrolled(params: dict) -> dict:
   """Scanned param tree -> unrolled names (h/x -> h_i/x), to compare scan with the Python loop."""
   params = nn.unbox(params)
@@ -44,11 +51,11 @@ def _unrolled(params: dict) -> dict:
 
 def test_shapes_dtypes_and_param_tree():
   cfg = QwenVLConfig.tiny()
-  params = init_params(cfg, jax.random.key(0))
+  params = _init(cfg, 0)
   assert set(params) == {"visual", "llm"}
   assert {"attn_pool", "ln_post", "proj", "conv1", "positional_embedding"} <= set(params["visual"])
   ids, px, seg = _batch(cfg)
-  logits = QwenVL(cfg).apply({"params": params}, ids, px, segment_ids=seg)
+  logits = _apply(cfg, params, ids, px, seg)
   assert logits.shape == (2, ids.shape[1], cfg.vocab_size) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
   # every leaf is annotated with logical axis names of the right rank
@@ -59,31 +66,30 @@ def test_shapes_dtypes_and_param_tree():
 
 def test_bf16_compute_keeps_float32_logits_and_params():
   cfg = QwenVLConfig.tiny(dtype="bfloat16", param_dtype="float32")
-  params = init_params(cfg, jax.random.key(0))
+  params = _init(cfg, 0)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(params)))
   ids, px, seg = _batch(cfg)
-  logits = QwenVL(cfg).apply({"params": params}, ids, px, segment_ids=seg)
+  logits = _apply(cfg, params, ids, px, seg)
   assert logits.dtype == jnp.float32
-  ref = QwenVL(QwenVLConfig.tiny()).apply({"params": params}, ids, px, segment_ids=seg)
+  ref = _apply(QwenVLConfig.tiny(), params, ids, px, seg)
   err = float(jnp.max(jnp.abs(logits - ref)))
   assert 0 < err < 0.1 * float(jnp.max(jnp.abs(ref))), err
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "minimal"])
-def test_scan_matches_unrolled(remat):
-  cfg_scan = QwenVLConfig.tiny(scan_layers=True, remat_policy=remat)
-  cfg_loop = dataclasses.replace(cfg_scan, scan_layers=False)
-  params = init_params(cfg_scan, jax.random.key(1))
+def test_scan_and_remat_match_unrolled():
+  cfg_scan = QwenVLConfig.tiny(scan_layers=True, remat_policy="full", vision_remat_policy="minimal")
+  cfg_loop = dataclasses.replace(cfg_scan, scan_layers=False, remat_policy="none", vision_remat_policy="")
+  params = _init(cfg_scan, 1)
   assert params["llm"]["h"]["ln_1"]["scale"].names == ("layers", "norm")
   assert params["visual"]["resblocks"]["ln_1"]["scale"].names == ("vit_layers", "norm")
   ids, px, seg = _batch(cfg_scan)
-  a = QwenVL(cfg_scan).apply({"params": params}, ids, px, segment_ids=seg)
-  b = QwenVL(cfg_loop).apply({"params": _unrolled(params)}, ids, px, segment_ids=seg)
+  a = _apply(cfg_scan, params, ids, px, seg)
+  b = _apply(cfg_loop, _unrolled(params), ids, px, seg)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
   # gradients agree too (remat changes recomputation, not values)
   loss = lambda p, c: jnp.mean(QwenVL(c).apply({"params": p}, ids, px, segment_ids=seg) ** 2)
-  ga = _unrolled(jax.grad(loss)(nn.unbox(params), cfg_scan))
-  gb = jax.grad(loss)(_unrolled(params), cfg_loop)
+  ga = _unrolled(jax.jit(jax.grad(loss), static_argnums=1)(nn.unbox(params), cfg_scan))
+  gb = jax.jit(jax.grad(loss), static_argnums=1)(_unrolled(params), cfg_loop)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
 
@@ -102,11 +108,10 @@ def test_image_features_land_after_each_img_token():
 
 def test_pixels_change_only_image_and_later_positions():
   cfg = QwenVLConfig.tiny()
-  params = init_params(cfg, jax.random.key(2))
+  params = _init(cfg, 2)
   ids, px, seg = _batch(cfg)
-  model = QwenVL(cfg)
-  a = model.apply({"params": params}, ids, px, segment_ids=seg)
-  b = model.apply({"params": params}, ids, px.at[0, 1].set(0.0), segment_ids=seg)  # 2nd image of row 0
+  a = _apply(cfg, params, ids, px, seg)
+  b = _apply(cfg, params, ids, px.at[0, 1].set(0.0), seg)  # 2nd image of row 0
   second_img = int(np.flatnonzero(np.asarray(ids[0]) == cfg.image_start_id)[1])
   diff = np.abs(np.asarray(a - b)).max(-1)
   assert diff[0, : second_img + 1].max() == 0  # causal: nothing before the features changes
@@ -116,7 +121,7 @@ def test_pixels_change_only_image_and_later_positions():
 
 def test_tiny_model_trains():
   cfg = QwenVLConfig.tiny(scan_layers=True, remat_policy="minimal")
-  params = nn.unbox(init_params(cfg, jax.random.key(3)))
+  params = nn.unbox(_init(cfg, 3))
   ids, px, seg = _batch(cfg)
   model = QwenVL(cfg)
   mask = trainable_mask(params)

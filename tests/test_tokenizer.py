@@ -56,7 +56,8 @@ def test_qwen_reproduces_original_input_ids(qwen, reference):
 def test_qwen_chat_prompt_matches_original(qwen, reference):
   ids = chat_prompt_ids(qwen, [], "Picture 1: <img>ct_slice.png</img>\nWhere is the liver?")
   assert ids == reference["grounding"]["input_ids"]
-  query = "Picture 1: <img>ct_slice.png</img>\nWhat is at <ref>this region</ref><box>(120,340),(560,780)</box>?"
+  query = ("Picture 1: <img>ct_slice.png</img>\n"
+           "What is at <ref>this region</ref><box>(120,340),(560,780)</box>?")
   assert chat_prompt_ids(qwen, [], query, system=None) == reference["referring"]["input_ids"]
 
 
@@ -191,7 +192,8 @@ def test_round_trip_and_chatml_assistant_mask(backend, qwen, demo):
            ["What is the object at <box>(1,2),(3,4)</box>?", "spleen"]]
   ids, mask = chatml_tokenize(tok, turns)
   assert len(ids) == len(mask)
-  assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "".join(a + "<|im_end|>" for _, a in turns)
+  supervised = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+  assert supervised == "".join(a + "<|im_end|>" for _, a in turns)
   full = tok.decode(ids)
   assert full.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
   assert full.endswith("<|im_start|>assistant\nspleen<|im_end|>\n")

@@ -31,6 +31,7 @@ import copy
 import io
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -260,8 +261,9 @@ def make_train_dataset(data_source: Any, tokenizer: Tokenizer, *, seq_len: int, 
                        drop_remainder: bool = True) -> grain.IterDataset:
   """Per-process training stream of batches (see the module docstring). `batch_size` is per process.
 
-  num_epochs=None repeats forever. worker_count > 0 runs transforms in that many processes (needs absl
-  flags parsed and a `__main__` guard); note that Grain then batches within each worker.
+  num_epochs=None repeats forever. worker_count > 0 runs the pipeline in that many processes (the calling
+  script needs an `if __name__ == "__main__":` guard; absl flags are marked parsed if nothing parsed them);
+  Grain then batches within each worker, so batches group records differently than with 0 workers.
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
@@ -281,6 +283,10 @@ def make_train_dataset(data_source: Any, tokenizer: Tokenizer, *, seq_len: int, 
     it = PackIterDataset(it, seq_len=seq_len, max_images=k, pad_id=tokenizer.pad_id, image_size=image_size)
   it = it.batch(batch_size, drop_remainder=drop_remainder)
   if worker_count > 0:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app nothing parsed them
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return it
 
@@ -308,13 +314,16 @@ def load_split(data_dir: str, split: str, config: str = "generated", decode_imag
 
   import bird_jax.data.med_grit  # noqa: F401  (registers the builder)
 
+  how = (f"build it: tfds build med_grit --config {config} --data_dir {data_dir} [--manual_dir DIR] "
+         "(array_record)")
+  if not list(Path(data_dir).glob(f"med_grit/{config}/*/dataset_info.json")):
+    raise FileNotFoundError(f"no prepared med_grit/{config} under {data_dir}; {how}")
   decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
   try:
     return tfds.data_source(f"med_grit/{config}", split=split, data_dir=data_dir, download=False,
                             decoders=decoders)
-  except (FileNotFoundError, AssertionError, ValueError) as e:
-    raise FileNotFoundError(f"med_grit/{config} split {split!r} not found under {data_dir} ({e}); build it: "
-                            f"tfds build med_grit --config {config} --data_dir {data_dir} [--manual_dir DIR]"
+  except (FileNotFoundError, AssertionError, ValueError, NotImplementedError) as e:
+    raise FileNotFoundError(f"med_grit/{config} split {split!r} under {data_dir} is not readable ({e}); {how}"
                             ) from e
 
 

@@ -32,7 +32,8 @@ def _qa(task: str, rng: np.random.Generator, modality: str) -> tuple[str, str]:
   if task == "RO":
     return f"What is the object at {box}?", name
   if task == "GC":
-    return f"Describe the region {box}.", f"This region contains the {name}, a structure seen in the {modality}."
+    return (f"Describe the region {box}.",
+            f"This region contains the {name}, a structure seen in the {modality}.")
   words = " ".join(_NAMES[int(i)] for i in rng.integers(len(_NAMES), size=int(rng.integers(3, 12))))
   return ("What can you interpret from the overall image?",
           f"The {modality} image shows several structures: {words}.")

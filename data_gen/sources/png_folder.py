@@ -3,7 +3,8 @@
   root/images/<stem>.png                       8-bit grey or RGB
   root/masks/<stem>/<label>[_<NNN>].png        binary masks, one instance per file        (either this)
   root/labels/<stem>.png + root/classes.json   integer label map, {"1": "liver", ...}      (or this)
-  root/meta.json (optional)                    {"modality": "ct", "dataset": "MyData", "cases": {"<stem>": "<case>"}}
+  root/meta.json (optional)                    {"modality": "ct", "dataset": "MyData",
+                                                "cases": {"<stem>": "<case>"}}
 
 Ids: a stem already in SA-Med2D form (`ct_00--Data--case--z_0001`) is kept, its case being the first three
 fields. Otherwise `modality` (argument or meta.json) is required and the id becomes
@@ -24,7 +25,13 @@ import numpy as np
 
 from data_gen.sources._io import SkipError, read_image, read_mask
 from data_gen.sources.base import (
-  MODALITIES, MODALITY_PREFIX, Instance, Sample, SkipReport, modality_from_id, sanitize_token,
+  MODALITIES,
+  MODALITY_PREFIX,
+  Instance,
+  Sample,
+  SkipReport,
+  modality_from_id,
+  sanitize_token,
 )
 
 _SLICE_SUFFIX = re.compile(r"^(.*?)[_-]\d+$")

@@ -51,7 +51,8 @@ class SamMed2DSource:
                class_mapping: str | Path | None = None, max_mask_fraction: float = 0.9):
     self.root = Path(root)
     if not self.root.is_dir():
-      raise FileNotFoundError(f"SA-Med2D root {self.root} is not a folder; pass the SAMed2Dv1/ or data_demo/ dir")
+      raise FileNotFoundError(f"SA-Med2D root {self.root} is not a folder; pass the SAMed2Dv1/ or data_demo/ "
+                              "folder")
     if layout == "auto":
       if (self.root / RELEASE_INDEX).is_file() or index is not None:
         layout = "release"
@@ -60,8 +61,8 @@ class SamMed2DSource:
       elif (self.root / "masks").is_dir() and any("--" in e.name for e in _scan(self.root / "masks", 50)):
         layout = "release"
       else:
-        raise ValueError(f"{self.root}: neither {RELEASE_INDEX}, {' / '.join(DEMO_INDEXES)} nor masks/*--*.png "
-                         "found; pass layout='release' or 'demo' with the right root")
+        raise ValueError(f"{self.root}: neither {RELEASE_INDEX}, {' / '.join(DEMO_INDEXES)} nor "
+                         "masks/*--*.png found; pass layout='release' or 'demo' with the right root")
     if layout not in ("release", "demo"):
       raise ValueError(f"layout must be auto, release or demo, got {layout!r}")
     if modality not in MODALITIES:
@@ -76,7 +77,8 @@ class SamMed2DSource:
     if layout == "release":
       mp = Path(class_mapping) if class_mapping else self.root / RELEASE_MAPPING
       if not mp.is_file():
-        raise FileNotFoundError(f"{mp} not found: class ids cannot be named without it; pass class_mapping=PATH")
+        raise FileNotFoundError(f"{mp} not found: class ids cannot be named without it; "
+                                "pass class_mapping=PATH")
       self._names = _load_mapping(mp)
 
   def params(self) -> dict[str, Any]:

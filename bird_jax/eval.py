@@ -11,8 +11,11 @@ The task of a record is its `task` field, else --task, else a VG/RO/GC/MII tag i
 (`..._VG_...`, `test_VG.jsonl`). Writes DIR/metrics.json, DIR/metrics.csv and DIR/per_sample_<TASK>.jsonl
 (processed responses and per-sample IoU / correctness); with --gallery_images also DIR/gallery/index.html.
 
-Model-running mode (`--config --checkpoint --split=test`) is wired by the trainer: it only has to produce
-records per task (see `run_model_eval`) and hand them to `score_and_report`.
+Model-running mode restores a training checkpoint, generates greedily (max_new_tokens 80, 100 for MII) and
+scores config.eval.tasks, next to the mean-box / majority-class baselines of the training split:
+
+  python -m bird_jax.eval --config=cpu_demo --checkpoint=runs/cpu_demo/checkpoints [--split=test]
+      [--config.eval.tasks="('VG','RO','GC','MII')"] [--out DIR]
 """
 
 from __future__ import annotations
@@ -333,21 +336,31 @@ def run_scoring(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                           image_loader=loader, max_gallery=args.max_gallery)
 
 
-def run_model_eval(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-  # The trainer fills this in: generate per task (greedy; max_new_tokens 80 for VG/RO/GC, 100 for MII), build
-  # records {id, image, question, annotation, response(decoded with special tokens kept)}, write them with
-  # write_predictions_jsonl, then `return score_and_report(records_by_task, out_dir)`.
-  raise SystemExit("model-running mode (--config/--checkpoint) is not wired yet; score a predictions file "
-                   "with --predictions=FILE.jsonl")
+def run_model_eval(args: argparse.Namespace, overrides: Sequence[str] = ()) -> dict[str, Any]:
+  """Restores a training checkpoint, generates greedily on the split and scores it (bird_jax.inference)."""
+  from bird_jax.config_util import parse_config_flags
+  from bird_jax.inference import evaluate_checkpoint
+
+  if not (args.config and args.checkpoint):
+    raise ValueError("model-running mode needs both --config=NAME and --checkpoint=<workdir>/checkpoints")
+  config, name, _ = parse_config_flags([f"--config={args.config}", *overrides])
+  result = evaluate_checkpoint(config, name, args.checkpoint, split=args.split,
+                               out_dir=Path(args.out) if args.out else None)
+  print(format_table(result["results"]))
+  print(result["table"])
+  return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  args, extra = build_parser().parse_known_args(argv)
+  overrides = [a for a in extra if a.startswith("--config.")]
+  if len(overrides) != len(extra):
+    build_parser().error(f"unrecognized arguments: {' '.join(a for a in extra if a not in overrides)}")
   try:
     if args.predictions:
       run_scoring(args)
     elif args.config or args.checkpoint:
-      run_model_eval(args)
+      run_model_eval(args, overrides)
     else:
       build_parser().error("pass --predictions=FILE.jsonl (scoring) or --config/--checkpoint (model mode)")
   except (ValueError, FileNotFoundError) as e:

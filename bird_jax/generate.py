@@ -63,22 +63,44 @@ def _filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: flo
 def _pick(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
   if temperature <= 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(
+    jnp.int32
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "new_bucket", "temperature", "top_k", "top_p"))
-def _generate_jit(params: Any, ids: jax.Array, mask: jax.Array, pixel_values: jax.Array | None,
-                  stop_ids: jax.Array, max_new: jax.Array, pad_id: jax.Array, rng: jax.Array, *,
-                  cfg: QwenVLConfig, new_bucket: int, temperature: float, top_k: int, top_p: float
-                  ) -> jax.Array:
+def _generate_jit(
+  params: Any,
+  ids: jax.Array,
+  mask: jax.Array,
+  pixel_values: jax.Array | None,
+  stop_ids: jax.Array,
+  max_new: jax.Array,
+  pad_id: jax.Array,
+  rng: jax.Array,
+  *,
+  cfg: QwenVLConfig,
+  new_bucket: int,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+) -> jax.Array:
   model = QwenVL(cfg)
   batch, prompt_len = ids.shape
   positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
   lengths = mask.sum(axis=1)
   alpha = jnp.broadcast_to(ntk_alpha(jnp.max(lengths), cfg.seq_length), (batch,))
-  hidden, (k, v) = model.apply({"params": params}, ids, pixel_values, positions=positions,
-                               segment_ids=mask.astype(jnp.int32), return_kv=True, return_hidden=True,
-                               inference=True, rope_alpha=alpha)
+  hidden, (k, v) = model.apply(
+    {"params": params},
+    ids,
+    pixel_values,
+    positions=positions,
+    segment_ids=mask.astype(jnp.int32),
+    return_kv=True,
+    return_hidden=True,
+    inference=True,
+    rope_alpha=alpha,
+  )
   head = nn.unbox(params["llm"]["lm_head"]).astype(cfg.compute_dtype)
   logits = jnp.einsum("be,ev->bv", hidden[:, -1], head, preferred_element_type=jnp.float32)
 
@@ -101,8 +123,17 @@ def _generate_jit(params: Any, ids: jax.Array, mask: jax.Array, pixel_values: ja
     done = done | jnp.isin(token, stop_ids)
     slot = prompt_len + i
     kv_mask = kv_mask.at[:, slot].set(True)
-    logits, cache = model.apply({"params": params}, token[:, None], None, positions=pos[:, None], cache=cache,
-                                cache_index=slot, kv_mask=kv_mask, inference=True, rope_alpha=alpha)
+    logits, cache = model.apply(
+      {"params": params},
+      token[:, None],
+      None,
+      positions=pos[:, None],
+      cache=cache,
+      cache_index=slot,
+      kv_mask=kv_mask,
+      inference=True,
+      rope_alpha=alpha,
+    )
     rng, sub = jax.random.split(rng)
     token = _pick(logits[:, -1], sub, temperature, top_k, top_p)
     return i + 1, cache, kv_mask, out, done, token, pos + 1, rng
@@ -111,13 +142,26 @@ def _generate_jit(params: Any, ids: jax.Array, mask: jax.Array, pixel_values: ja
   return jax.lax.while_loop(cond, body, state)[3]
 
 
-def generate(model: QwenVL, params: Any, input_ids: Sequence[Sequence[int]] | np.ndarray,
-             pixel_values: np.ndarray | None = None, *, max_new_tokens: int, stop_ids: Sequence[int] = (),
-             pad_id: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             rng: jax.Array | None = None, mesh: jax.sharding.Mesh | None = None,
-             rules: Sequence[tuple[str, Any]] | None = None, attention_mask: np.ndarray | None = None,
-             include_stop: bool = False, length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
-             new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS) -> list[list[int]]:
+def generate(
+  model: QwenVL,
+  params: Any,
+  input_ids: Sequence[Sequence[int]] | np.ndarray,
+  pixel_values: np.ndarray | None = None,
+  *,
+  max_new_tokens: int,
+  stop_ids: Sequence[int] = (),
+  pad_id: int = 0,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  rng: jax.Array | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: Sequence[tuple[str, Any]] | None = None,
+  attention_mask: np.ndarray | None = None,
+  include_stop: bool = False,
+  length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+  new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
+) -> list[list[int]]:
   """Decode up to max_new_tokens per row. input_ids: list of id lists (any lengths) or an int array [B, L]
   (rows taken whole unless attention_mask [B, L] marks padding). pixel_values [B, N, S, S, 3] (image k of row
   b goes after its k-th <img>). temperature 0 = greedy. mesh (+ logical rules): run under that mesh so the
@@ -128,7 +172,9 @@ def generate(model: QwenVL, params: Any, input_ids: Sequence[Sequence[int]] | np
     if arr.ndim != 2:
       raise ValueError(f"input_ids array must be [B, L], got shape {arr.shape}")
     m = np.ones(arr.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
-    rows = [[int(t) for t, keep in zip(r, mm, strict=True) if keep] for r, mm in zip(arr.tolist(), m, strict=True)]
+    rows = [
+      [int(t) for t, keep in zip(r, mm, strict=True) if keep] for r, mm in zip(arr.tolist(), m, strict=True)
+    ]
   else:
     rows = [[int(t) for t in r] for r in input_ids]
   if not rows or any(len(r) == 0 for r in rows):
@@ -141,8 +187,8 @@ def generate(model: QwenVL, params: Any, input_ids: Sequence[Sequence[int]] | np
   ids = np.full((b_pad, length), pad_id, np.int32)
   mask = np.zeros((b_pad, length), bool)
   for i, r in enumerate(rows):
-    ids[i, length - len(r):] = r
-    mask[i, length - len(r):] = True
+    ids[i, length - len(r) :] = r
+    mask[i, length - len(r) :] = True
   px = None
   if pixel_values is not None:
     pixel_values = np.asarray(pixel_values, np.float32)
@@ -154,9 +200,21 @@ def generate(model: QwenVL, params: Any, input_ids: Sequence[Sequence[int]] | np
   rng = jax.random.key(0) if rng is None else rng
   stops = np.asarray(list(stop_ids) or [-1], np.int32)
   call = functools.partial(
-      _generate_jit, params, jnp.asarray(ids), jnp.asarray(mask), None if px is None else jnp.asarray(px),
-      jnp.asarray(stops), jnp.int32(max_new_tokens), jnp.int32(pad_id), rng, cfg=cfg, new_bucket=new_bucket,
-      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    _generate_jit,
+    params,
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    None if px is None else jnp.asarray(px),
+    jnp.asarray(stops),
+    jnp.int32(max_new_tokens),
+    jnp.int32(pad_id),
+    rng,
+    cfg=cfg,
+    new_bucket=new_bucket,
+    temperature=float(temperature),
+    top_k=int(top_k),
+    top_p=float(top_p),
+  )
   if mesh is not None:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules or ()):
       out = call()

@@ -71,10 +71,10 @@ def generate_answers(model, params, tokenizer: Tokenizer, examples: Sequence[dic
 
 
 def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config, train_source: Any, *,
-                     out_dir: Path) -> dict[str, Any]:
-  """Scores config.eval.tasks on the test split; writes predictions/metrics under out_dir and returns
-  {"results", "baselines", "table", "summary"}."""
-  test_source = load_split(str(tfds_dir), "test", config.data.builder_config)
+                     out_dir: Path, split: str = "test") -> dict[str, Any]:
+  """Scores config.eval.tasks on the held-out split; writes predictions/metrics under out_dir and returns
+  {"results", "baselines", "table", "summary"}. MII gets config.eval.max_new_tokens_mii (the paper: 100)."""
+  test_source = load_split(str(tfds_dir), split, config.data.builder_config)
   baseline_answers = training_baselines(train_source)
   records_by_task: dict[str, list[dict[str, Any]]] = {}
   baseline_by_task: dict[str, list[dict[str, Any]]] = {}
@@ -86,9 +86,10 @@ def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config
       log.warning("no %s records in the test split; skipping", task)
       continue
     log.info("evaluating %s on %d held-out examples", task, len(examples))
+    max_new = config.eval.max_new_tokens_mii if task == "MII" else config.eval.max_new_tokens
     answers = generate_answers(model, params, tokenizer, examples, image_size=model.config.image_size,
-                               batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
-                               system=config.data.system_prompt)
+                               batch_size=config.eval.batch_size, max_new_tokens=max_new,
+                               system=config.data.system_prompt or None)
     records_by_task[task] = [
       {"id": ex["id"], "image": ex["id"] + ".png", "question": ex["question"], "annotation": ex["reference"],
        "response": ans, "task": task} for ex, ans in zip(examples, answers, strict=True)]
@@ -100,6 +101,7 @@ def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config
   for task, recs in records_by_task.items():
     E.write_predictions_jsonl(out_dir / f"predictions_{task}.jsonl", recs)
   E.write_results(results, out_dir)
+  log.info("official tables:\n%s", E.format_table(results))
   if baselines:
     E.write_results(baselines, out_dir / "baseline")
   _write_gallery(records_by_task, test_source, out_dir)
@@ -133,9 +135,47 @@ def format_comparison(results: dict[str, Any], baselines: dict[str, Any], baseli
       row = r["per_modality"][m]
       if row["n"]:
         base = b["per_modality"][m].get(metric) if b else None
-        lines.append(f"  {m:<12}{row['n']:>6}{row[metric]:>10.3f}{(base if base is not None else float('nan')):>10.3f}")
+        base = float("nan") if base is None else base
+        lines.append(f"  {m:<12}{row['n']:>6}{row[metric]:>10.3f}{base:>10.3f}")
     mean_model = r["mean_nonempty"].get(metric)
     mean_base = b["mean_nonempty"].get(metric) if b else None
-    lines.append(f"  {'mean*':<12}{'':>6}{mean_model:>10.3f}{(mean_base if mean_base is not None else float('nan')):>10.3f}"
+    mean_base = float("nan") if mean_base is None else mean_base
+    lines.append(f"  {'mean*':<12}{'':>6}{mean_model:>10.3f}{mean_base:>10.3f}"
                  f"   (*over the modalities present; the official 8-modality mean is in eval/metrics.json)")
   return "\n".join(lines)
+
+
+def evaluate_checkpoint(config, config_name: str, checkpoint: str | Path, *, split: str = "test",
+                        out_dir: Path | None = None) -> dict[str, Any]:
+  """`python -m bird_jax.eval --config=… --checkpoint=…`: restore a training checkpoint (a run's
+  `checkpoints/` folder → newest step, or one step folder inside it) and score config.eval.tasks."""
+  import jax
+
+  from bird_jax import sharding as shd
+  from bird_jax.checkpoint import Checkpointer
+  from bird_jax.model import QwenVL
+  from bird_jax.prepare import prepare
+  from bird_jax.train import build_optimizer, create_state_shardings, model_config_from
+
+  path = Path(checkpoint).absolute()
+  step = None
+  if path.name.isdigit() and not (path / "checkpoints").exists():
+    path, step = path.parent, int(path.name)
+  if not path.is_dir():
+    raise FileNotFoundError(f"checkpoint folder {path} does not exist; pass <workdir>/checkpoints or a step in it")
+  workdir = Path(config.workdir).absolute()
+  data = prepare(config, workdir)
+  model_cfg = model_config_from(config, data.tokenizer)
+  mesh = shd.make_mesh(config.mesh.shape)
+  _, _, abstract_state, shardings = create_state_shardings(
+    model_cfg, lambda p: build_optimizer(config.train, p, config.train.steps), mesh,
+    shd.rules_from_config(config.mesh.rules), config.seed)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+  ckpt = Checkpointer(path)
+  state, _, meta = ckpt.restore(target, step)
+  ckpt.close()
+  log.info("evaluating %s step %d (%s) on split %r", path, meta["step"], meta.get("config"), split)
+  train_source = load_split(str(data.tfds_dir), "train", config.data.builder_config)
+  with jax.set_mesh(mesh):
+    return evaluate_on_test(QwenVL(model_cfg), state["params"], data.tokenizer, data.tfds_dir, config,
+                            train_source, out_dir=out_dir or workdir / f"eval_step{meta['step']}", split=split)

@@ -50,13 +50,15 @@ def ensure_raw_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path
   if config.data.phantom_cases:
     kwargs["num_cases"] = config.data.phantom_cases
   log.info("generating the phantom Med-GRIT set in %s", raw)
-  manifest = generate_dataset(PhantomSource(**kwargs), raw, seed=config.seed)
+  manifest = generate_dataset(PhantomSource(**kwargs), raw, seed=config.seed, max_turns=config.data.phantom_max_turns,
+                              records_per_image=config.data.phantom_records_per_image)
   log.info("phantom set: %s", json.dumps(manifest.get("counts", {}).get("records", manifest.get("counts", {}))))
   return raw
 
 
 def _corpus(raw: Path, system_prompt: str):
-  yield system_prompt
+  if system_prompt:
+    yield system_prompt
   for name in sorted(raw.glob("*.json")):
     if name.name == "manifest.json":
       continue

@@ -112,8 +112,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
 
       def body(carry, mb):
         g_acc, l_acc, n_acc = carry
-        (l, n), g = grad_fn(params, mb)
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+        (loss, n), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, n_acc + n), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
@@ -230,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
     train_source, data.tokenizer, seq_len=config.data.seq_len, image_size=model_cfg.image_size,
     batch_size=per_process, seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
     packing=config.data.packing, worker_count=config.data.worker_count, loss_on=config.data.loss_on,
-    system=config.data.system_prompt,
+    system=config.data.system_prompt or None,
   )
   batches = iter(dataset)
   if data_state:
@@ -241,8 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   step_fn = jax.jit(make_train_step(model, tx, tc.grad_accum), donate_argnums=(0,),
                     in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None))
   history: list[dict[str, float]] = []
-  metrics_file = open(workdir / "metrics.jsonl", "a") if is_main else None
-  progress = tqdm(total=tc.steps, initial=start_step, desc="train", disable=not is_main, dynamic_ncols=True)
+  metrics_file = open(workdir / "metrics.jsonl", "a", buffering=1) if is_main else None
+  # A live bar on terminals; logs and CI get the step lines only.
+  progress = tqdm(total=tc.steps, initial=start_step, desc="train", dynamic_ncols=True,
+                  disable=not (is_main and sys.stderr.isatty()))
   pending = None
   t_train = time.time()
   t_last, tokens_since = time.time(), 0.0
@@ -266,8 +268,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
           dt = time.time() - t_last
           record.update(step_time_s=dt / max(1, tc.log_every), supervised_tokens_per_s=tokens_since / max(dt, 1e-9))
           t_last, tokens_since = time.time(), 0.0
-          progress.write(f"step {prev_step:6d}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
-                         f"{record['step_time_s'] * 1000:.0f} ms/step")
+          line = (f"step {prev_step:6d}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
+                  f"{record['step_time_s'] * 1000:.0f} ms/step  {record['supervised_tokens_per_s']:.0f} target tok/s")
+          if progress.disable:
+            log.info(line)
+          else:
+            progress.write(line)
         if metrics_file:
           metrics_file.write(json.dumps(record) + "\n")
         progress.set_postfix(loss=f"{record['loss']:.3f}")
@@ -313,11 +319,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
 
 def format_summary(summary: dict[str, Any], results: dict[str, Any]) -> str:
   lines = ["", "=" * 72, f"bird-jax: {summary['config']} done in {summary['total_minutes']} min "
-           f"({summary['steps']} steps, {summary['train_minutes']} min training)",
-           f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}" if summary["last_loss"] is not None else ""]
+           f"({summary['steps']} steps, {summary['train_minutes']} min training)"]
+  if summary["last_loss"] is not None:
+    lines.append(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
   if results.get("table"):
     lines += ["", results["table"]]
-  lines += ["", f"outputs in {summary['workdir']}:", "  checkpoints/   Orbax checkpoints (resume: rerun the same command)",
+  lines += ["", f"outputs in {summary['workdir']}:",
+            "  checkpoints/   Orbax checkpoints (resume: rerun the same command)",
             "  metrics.jsonl  per-step loss", "  eval/          predictions, metrics, gallery", "  summary.json",
             "=" * 72]
   return "\n".join(lines)

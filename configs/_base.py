@@ -28,13 +28,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_dir = ""  # default: <workdir>/tfds
   c.data.phantom_cases = 0  # 0 -> data_gen's default demo size
   c.data.phantom_image_size = 128
+  c.data.phantom_max_turns = 3
+  c.data.phantom_records_per_image = 1
   c.data.tokenizer = ""  # a checkpoint dir with qwen.tiktoken, or a tokenizer.json; "" -> train a demo BPE
   c.data.tokenizer_vocab_size = 1024
   c.data.seq_len = 2048
   c.data.packing = True
   c.data.loss_on = "assistant"  # or "qwen_official"
   c.data.worker_count = 0
-  c.data.system_prompt = "You are a helpful assistant."
+  c.data.system_prompt = "You are a helpful assistant."  # "" -> no system turn
 
   c.model = model_config(QwenVLConfig.qwen_vl_chat_7b())
   c.init_from = ""  # a Hugging Face Qwen-VL(-Chat) checkpoint directory; "" -> random init
@@ -70,5 +72,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.tasks = ("VG", "RO")
   c.eval.max_examples = 0  # per task; 0 = all
   c.eval.batch_size = 16
-  c.eval.max_new_tokens = 80
+  c.eval.max_new_tokens = 80  # the paper's setting for VG, RO and GC
+  c.eval.max_new_tokens_mii = 100
   return c

@@ -12,8 +12,8 @@ FSDP over every chip of a v4-16+ slice.
 
 from __future__ import annotations
 
-from configs import _base
 from bird_jax.model.config import QwenVLConfig
+from configs import _base
 
 
 def get_config():

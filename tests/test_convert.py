@@ -13,11 +13,11 @@ import pytest
 
 from bird_jax.model import QwenVLConfig, abstract_params
 from bird_jax.model.convert import (
-    checkpoint_entries,
-    export_hf,
-    iter_checkpoint,
-    load_params,
-    load_pretrained,
+  checkpoint_entries,
+  export_hf,
+  iter_checkpoint,
+  load_params,
+  load_pretrained,
 )
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen_vl_tiny_official" / "checkpoint"
@@ -38,10 +38,17 @@ def test_entries_cover_the_7b_checkpoint_layout():
   assert shapes["transformer.visual.attn_pool.attn.in_proj_weight"] == (12288, 4096)
   assert shapes["transformer.visual.conv1.weight"] == (1664, 3, 14, 14)
   # every Flax leaf of the model is produced by exactly one checkpoint tensor
-  leaves = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-      abstract_params(QwenVLConfig.tiny()), is_leaf=lambda x: hasattr(x, "names"))[0]}
-  targets = ["".join(f"['{k}']" for k in path) for e in checkpoint_entries(QwenVLConfig.tiny())
-             for path, _ in e.targets]
+  leaves = {
+    jax.tree_util.keystr(p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(
+      abstract_params(QwenVLConfig.tiny()), is_leaf=lambda x: hasattr(x, "names")
+    )[0]
+  }
+  targets = [
+    "".join(f"['{k}']" for k in path)
+    for e in checkpoint_entries(QwenVLConfig.tiny())
+    for path, _ in e.targets
+  ]
   assert len(targets) == len(set(targets)) and set(targets) == leaves
 
 
@@ -61,8 +68,9 @@ def test_hf_flax_hf_round_trip_is_bit_exact(tmp_path, scan_layers):
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   assert set(index["weight_map"]) == set(src)
   assert index["metadata"]["total_size"] == sum(a.nbytes for a in src.values())
-  assert QwenVLConfig.from_hf_config(json.loads((tmp_path / "config.json").read_text())) == \
-      QwenVLConfig.from_hf_config(json.loads((FIXTURE / "config.json").read_text()))
+  assert QwenVLConfig.from_hf_config(
+    json.loads((tmp_path / "config.json").read_text())
+  ) == QwenVLConfig.from_hf_config(json.loads((FIXTURE / "config.json").read_text()))
   assert (tmp_path / "qwen.tiktoken").exists() and (tmp_path / "generation_config.json").exists()
 
 
@@ -84,7 +92,7 @@ def test_torch_bin_shards_load_like_safetensors(tmp_path):
   torch = pytest.importorskip("torch")
   tensors = _tensors(FIXTURE)
   names = sorted(tensors)
-  shards = [names[: len(names) // 2], names[len(names) // 2:]]
+  shards = [names[: len(names) // 2], names[len(names) // 2 :]]
   weight_map = {}
   for k, group in enumerate(shards):
     fname = f"pytorch_model-{k + 1:05d}-of-00002.bin"
@@ -122,7 +130,9 @@ def test_errors_name_the_bad_tensor(tmp_path):
     load_params(bad, cfg)
   reshape = lambda t: t.__setitem__("transformer.visual.proj", t["transformer.visual.proj"][:, :64])
   bad = _copy_fixture(tmp_path / "shape", reshape)
-  with pytest.raises(ValueError, match=r"model\.safetensors: tensor transformer\.visual\.proj has shape \(128, 64\)"):
+  with pytest.raises(
+    ValueError, match=r"model\.safetensors: tensor transformer\.visual\.proj has shape \(128, 64\)"
+  ):
     load_params(bad, cfg)
   with pytest.raises(FileNotFoundError, match="config.json"):
     load_pretrained(tmp_path / "nowhere")

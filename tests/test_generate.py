@@ -20,9 +20,9 @@ def tiny():
   s, nq = cfg.image_start_id, cfg.n_queries
   span = [s] + [s + 2] * nq + [s + 1]
   prompts = [
-      [3, 4] + span + list(rng.integers(0, 400, 5)),          # image, medium
-      list(rng.integers(0, 400, 3)),                          # text only, short (most left padding)
-      [9] + span + [11] + span + list(rng.integers(0, 400, 2)),  # two images, longest
+    [3, 4] + span + list(rng.integers(0, 400, 5)),  # image, medium
+    list(rng.integers(0, 400, 3)),  # text only, short (most left padding)
+    [9] + span + [11] + span + list(rng.integers(0, 400, 2)),  # two images, longest
   ]
   pixels = rng.standard_normal((3, 2, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
   return cfg, params, prompts, pixels
@@ -42,7 +42,7 @@ def _greedy_by_full_forward(cfg, params, prompts, pixels, steps):
     logits = np.asarray(fwd(params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(seg)))
     for r, s in enumerate(seqs):
       s.append(int(np.argmax(logits[r, len(s) - 1])))
-  return [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]
+  return [s[len(p) :] for s, p in zip(seqs, prompts, strict=True)]
 
 
 def test_kv_cache_greedy_matches_full_forward(tiny):
@@ -62,8 +62,9 @@ def test_stop_ids_end_rows_independently(tiny):
   full = generate(QwenVL(cfg), params, prompts, pixels, max_new_tokens=6, pad_id=0)
   stop = full[0][2]
   got = generate(QwenVL(cfg), params, prompts, pixels, max_new_tokens=6, pad_id=0, stop_ids=[stop])
-  got_incl = generate(QwenVL(cfg), params, prompts, pixels, max_new_tokens=6, pad_id=0, stop_ids=[stop],
-                      include_stop=True)
+  got_incl = generate(
+    QwenVL(cfg), params, prompts, pixels, max_new_tokens=6, pad_id=0, stop_ids=[stop], include_stop=True
+  )
   for f, g, gi in zip(full, got, got_incl, strict=True):
     cut = f.index(stop) if stop in f else len(f)
     assert g == f[:cut]
@@ -75,12 +76,40 @@ def test_sampling(tiny):
   model = QwenVL(cfg)
   greedy = generate(model, params, prompts, pixels, max_new_tokens=5, pad_id=0)
   # top_k=1 and a tiny top_p collapse sampling onto the argmax
-  assert generate(model, params, prompts, pixels, max_new_tokens=5, pad_id=0, temperature=0.7, top_k=1,
-                  rng=jax.random.key(1)) == greedy
-  assert generate(model, params, prompts, pixels, max_new_tokens=5, pad_id=0, temperature=1.0, top_p=1e-6,
-                  rng=jax.random.key(2)) == greedy
-  a = generate(model, params, prompts, pixels, max_new_tokens=5, pad_id=0, temperature=5.0, rng=jax.random.key(3))
-  b = generate(model, params, prompts, pixels, max_new_tokens=5, pad_id=0, temperature=5.0, rng=jax.random.key(3))
+  assert (
+    generate(
+      model,
+      params,
+      prompts,
+      pixels,
+      max_new_tokens=5,
+      pad_id=0,
+      temperature=0.7,
+      top_k=1,
+      rng=jax.random.key(1),
+    )
+    == greedy
+  )
+  assert (
+    generate(
+      model,
+      params,
+      prompts,
+      pixels,
+      max_new_tokens=5,
+      pad_id=0,
+      temperature=1.0,
+      top_p=1e-6,
+      rng=jax.random.key(2),
+    )
+    == greedy
+  )
+  a = generate(
+    model, params, prompts, pixels, max_new_tokens=5, pad_id=0, temperature=5.0, rng=jax.random.key(3)
+  )
+  b = generate(
+    model, params, prompts, pixels, max_new_tokens=5, pad_id=0, temperature=5.0, rng=jax.random.key(3)
+  )
   assert a == b and all(0 <= t < cfg.vocab_size for row in a for t in row)
 
 

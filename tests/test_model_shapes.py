@@ -34,7 +34,9 @@ def _init(cfg: QwenVLConfig, seed: int) -> dict:
 
 
 def _apply(cfg: QwenVLConfig, params, ids, px, seg):
-  return jax.jit(lambda p, i, x, s: QwenVL(cfg).apply({"params": p}, i, x, segment_ids=s))(params, ids, px, seg)
+  return jax.jit(lambda p, i, x, s: QwenVL(cfg).apply({"params": p}, i, x, segment_ids=s))(
+    params, ids, px, seg
+  )
 
 
 def _unrolled(params: dict) -> dict:
@@ -96,8 +98,13 @@ def test_scan_and_remat_match_unrolled():
 
 def test_image_features_land_after_each_img_token():
   nq, start = 3, 50
-  ids = jnp.asarray([[1, start, 9, 9, 9, start + 1, 2, start, 9, 9, 9, start + 1],
-                     [start, 9, 9, 9, start + 1, 3, 4, 5, 6, 7, 8, start]], jnp.int32)
+  ids = jnp.asarray(
+    [
+      [1, start, 9, 9, 9, start + 1, 2, start, 9, 9, 9, start + 1],
+      [start, 9, 9, 9, start + 1, 3, 4, 5, 6, 7, 8, start],
+    ],
+    jnp.int32,
+  )
   hidden = jnp.zeros((2, 12, 1))
   feats = jnp.arange(1, 2 * 2 * nq + 1, dtype=jnp.float32).reshape(2, 2 * nq, 1)
   out = np.asarray(merge_image_features(hidden, ids, feats, 2, start, nq))[..., 0]
@@ -115,7 +122,7 @@ def test_pixels_change_only_image_and_later_positions():
   second_img = int(np.flatnonzero(np.asarray(ids[0]) == cfg.image_start_id)[1])
   diff = np.abs(np.asarray(a - b)).max(-1)
   assert diff[0, : second_img + 1].max() == 0  # causal: nothing before the features changes
-  assert diff[0, second_img + 1:].min() > 0
+  assert diff[0, second_img + 1 :].min() > 0
   assert diff[1].max() == 0  # other row untouched
 
 
@@ -150,5 +157,16 @@ def test_tiny_model_trains():
     p, opt, loss = step(p, opt)
     losses.append(float(loss))
   assert losses[-1] < losses[0] - 0.5, losses
-  np.testing.assert_array_equal(np.asarray(p["visual"]["conv1"]["kernel"]),
-                                np.asarray(params["visual"]["conv1"]["kernel"]))
+  np.testing.assert_array_equal(
+    np.asarray(p["visual"]["conv1"]["kernel"]), np.asarray(params["visual"]["conv1"]["kernel"])
+  )
+
+
+def test_qwen_vl_chat_7b_param_counts():
+  """Shapes only (eval_shape): per-tower counts of the released model (qwen_vl.md §1.1, §2.1)."""
+  from bird_jax.benchmarks.model_memory import breakdown
+
+  counts = breakdown(QwenVLConfig.qwen_vl_chat_7b())
+  assert counts["total"] == 9_656_935_168
+  assert counts["vit_trunk"] == 1_842_770_688 and counts["resampler"] == 76_054_528
+  assert counts["llm_total"] == 7_721_324_544

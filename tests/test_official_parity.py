@@ -56,10 +56,11 @@ def test_last4_logits_match(official, scan_layers):
   for name, prompt in ref["prompts"].items():
     ids = prompt["input_ids"]
     has_image = cfg.image_start_id in ids
-    logits = np.asarray(fwd(params, jnp.asarray([ids], jnp.int32),
-                            jnp.asarray(pixels)[None, None] if has_image else None))[0]
+    logits = np.asarray(
+      fwd(params, jnp.asarray([ids], jnp.int32), jnp.asarray(pixels)[None, None] if has_image else None)
+    )[0]
     want = np.load(FIXTURE / f"logits_last4_{name}.npy")
-    err = _max_rel_err(logits[-ref["last_positions"]:], want)
+    err = _max_rel_err(logits[-ref["last_positions"] :], want)
     assert err < 1e-5, f"{name}: max rel err {err:.2e}"
     np.testing.assert_allclose(np.abs(logits).mean(), prompt["logits_mean_abs"], rtol=1e-5)
 
@@ -72,3 +73,39 @@ def test_greedy_continuations_match(official):
   px = np.stack([pixels] * len(prompts))[:, None]
   out = generate(QwenVL(cfg), params, ids, px, max_new_tokens=8, stop_ids=[], pad_id=151643)
   assert out == [p["greedy_next8"] for p in prompts]
+
+
+def test_sharded_load_and_forward_match(official):
+  """Import straight onto a (data 2, fsdp 2, tensor 2) mesh with the trainer's logical rules, scanned layers;
+  the forward under those rules and greedy decoding give the reference numbers."""
+  import flax.linen as nn
+
+  from bird_jax.sharding import DEFAULT_RULES, make_mesh
+
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 (fake) devices: conftest sets XLA_FLAGS")
+  _, _, ref, pixels = official
+  mesh = make_mesh((2, 2, 2), jax.devices()[:8])
+  # the tiny fixture's resampler has 1 head and its ViT MLP is 315 wide: those two stay unsharded here
+  unsharded = ("heads", "vit_mlp")
+  rules = tuple(r for r in DEFAULT_RULES if r[0] not in unsharded) + tuple((n, None) for n in unsharded)
+  cfg, params = load_pretrained(FIXTURE / "checkpoint", dtype="float32", mesh=mesh, rules=rules,
+                                scan_layers=True)
+  wte = params["llm"]["wte"]["embedding"]
+  assert wte.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  prompt = ref["prompts"]["grounding"]
+  ids = jnp.asarray([prompt["input_ids"]] * 4, jnp.int32)
+  px = jnp.broadcast_to(jnp.asarray(pixels), (4, 1) + pixels.shape)
+
+  @jax.jit
+  def fwd(p, i, x):
+    return QwenVL(cfg).apply({"params": p}, i, x)[:, -4:]
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    logits = np.asarray(fwd(params, ids, px))
+  want = np.load(FIXTURE / "logits_last4_grounding.npy")
+  for row in logits:
+    assert _max_rel_err(row, want) < 1e-5
+  out = generate(QwenVL(cfg), params, [p["input_ids"] for p in ref["prompts"].values()],
+                 np.stack([pixels] * 3)[:, None], max_new_tokens=8, pad_id=151643, mesh=mesh, rules=rules)
+  assert out == [p["greedy_next8"] for p in ref["prompts"].values()]

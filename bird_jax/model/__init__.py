@@ -2,13 +2,20 @@
 
 from bird_jax.model.config import QwenVLConfig
 from bird_jax.model.qwen_vl import (
-    QwenVL,
-    abstract_params,
-    encode_images,
-    init_params,
-    param_count,
-    trainable_mask,
+  QwenVL,
+  abstract_params,
+  encode_images,
+  init_params,
+  param_count,
+  trainable_mask,
 )
 
-__all__ = ["QwenVL", "QwenVLConfig", "abstract_params", "encode_images", "init_params", "param_count",
-           "trainable_mask"]
+__all__ = [
+  "QwenVL",
+  "QwenVLConfig",
+  "abstract_params",
+  "encode_images",
+  "init_params",
+  "param_count",
+  "trainable_mask",
+]

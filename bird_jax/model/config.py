@@ -69,15 +69,19 @@ class QwenVLConfig:
       if value and value not in REMAT_POLICIES:
         raise ValueError(f"QwenVLConfig.{name}={value!r}; use one of {REMAT_POLICIES}")
     if self.image_size % self.patch_size:
-      raise ValueError(f"QwenVLConfig: image_size {self.image_size} is not a multiple of patch_size "
-                       f"{self.patch_size}")
+      raise ValueError(
+        f"QwenVLConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+      )
     if self.vision_width % self.vision_heads:
-      raise ValueError(f"QwenVLConfig: vision_width {self.vision_width} not divisible by vision_heads "
-                       f"{self.vision_heads}")
+      raise ValueError(
+        f"QwenVLConfig: vision_width {self.vision_width} not divisible by vision_heads {self.vision_heads}"
+      )
     if self.hidden_size % self.num_resampler_heads:
-      raise ValueError(f"QwenVLConfig: hidden_size {self.hidden_size} not divisible by resampler heads "
-                       f"{self.num_resampler_heads}")
-    if int(round(self.n_queries ** 0.5)) ** 2 != self.n_queries:
+      raise ValueError(
+        f"QwenVLConfig: hidden_size {self.hidden_size} not divisible by resampler heads "
+        f"{self.num_resampler_heads}"
+      )
+    if int(round(self.n_queries**0.5)) ** 2 != self.n_queries:
       raise ValueError(f"QwenVLConfig: n_queries {self.n_queries} must be a square (resampler grid)")
     if self.intermediate_size % 2:
       raise ValueError(f"QwenVLConfig: intermediate_size {self.intermediate_size} must be even")
@@ -104,7 +108,7 @@ class QwenVLConfig:
 
   @property
   def num_patches(self) -> int:
-    return self.grid_size ** 2
+    return self.grid_size**2
 
   @property
   def num_resampler_heads(self) -> int:
@@ -143,10 +147,25 @@ class QwenVLConfig:
 
     image_start_id sits inside the vocab (img_start=500, img_end=501, img_pad=502).
     """
-    base = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, intermediate_size=128,
-                seq_length=2048, vision_width=32, vision_layers=2, vision_heads=2, vision_mlp_ratio=2.0,
-                patch_size=14, image_size=56, vision_pos_grid=16, n_queries=9, resampler_heads=2,
-                image_start_id=500)
+    base = dict(
+      vocab_size=512,
+      hidden_size=64,
+      num_layers=2,
+      num_heads=4,
+      head_dim=16,
+      intermediate_size=128,
+      seq_length=2048,
+      vision_width=32,
+      vision_layers=2,
+      vision_heads=2,
+      vision_mlp_ratio=2.0,
+      patch_size=14,
+      image_size=56,
+      vision_pos_grid=16,
+      n_queries=9,
+      resampler_heads=2,
+      image_start_id=500,
+    )
     base.update(overrides)
     return cls(**base)
 
@@ -158,17 +177,30 @@ class QwenVLConfig:
       hidden = hf["hidden_size"]
       heads = hf["num_attention_heads"]
       kw: dict[str, Any] = dict(
-          vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_hidden_layers"],
-          num_heads=heads, head_dim=hf.get("kv_channels", hidden // heads),
-          intermediate_size=hf["intermediate_size"], rms_norm_eps=hf.get("layer_norm_epsilon", 1e-6),
-          rope_base=float(hf.get("rotary_emb_base", 10000)), seq_length=hf.get("seq_length", 2048),
-          use_logn_attn=bool(hf.get("use_logn_attn", True)), use_dynamic_ntk=bool(hf.get("use_dynamic_ntk", True)),
-          vision_width=vis["width"], vision_layers=vis["layers"], vision_heads=vis["heads"],
-          vision_mlp_ratio=vis["mlp_ratio"], patch_size=vis["patch_size"], image_size=vis["image_size"],
-          n_queries=vis.get("n_queries", 256), image_start_id=vis.get("image_start_id", 151857),
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        head_dim=hf.get("kv_channels", hidden // heads),
+        intermediate_size=hf["intermediate_size"],
+        rms_norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+        rope_base=float(hf.get("rotary_emb_base", 10000)),
+        seq_length=hf.get("seq_length", 2048),
+        use_logn_attn=bool(hf.get("use_logn_attn", True)),
+        use_dynamic_ntk=bool(hf.get("use_dynamic_ntk", True)),
+        vision_width=vis["width"],
+        vision_layers=vis["layers"],
+        vision_heads=vis["heads"],
+        vision_mlp_ratio=vis["mlp_ratio"],
+        patch_size=vis["patch_size"],
+        image_size=vis["image_size"],
+        n_queries=vis.get("n_queries", 256),
+        image_start_id=vis.get("image_start_id", 151857),
       )
     except KeyError as e:
-      raise ValueError(f"Qwen-VL config.json lacks key {e}; expected a Qwen-VL (model_type 'qwen') config") from e
+      raise ValueError(
+        f"Qwen-VL config.json lacks key {e}; expected a Qwen-VL (model_type 'qwen') config"
+      ) from e
     if vis["output_dim"] != hidden:
       raise ValueError(f"Qwen-VL config.json: visual.output_dim {vis['output_dim']} != hidden_size {hidden}")
     if hf.get("rotary_pct", 1.0) != 1.0:
@@ -178,23 +210,51 @@ class QwenVLConfig:
 
   def to_hf_config(self) -> dict[str, Any]:
     """config.json dict in Qwen-VL's format (inverse of from_hf_config)."""
-    visual = {"heads": self.vision_heads, "image_size": self.image_size, "image_start_id": self.image_start_id,
-              "layers": self.vision_layers, "mlp_ratio": self.vision_mlp_ratio, "output_dim": self.hidden_size,
-              "patch_size": self.patch_size, "width": self.vision_width}
+    visual = {
+      "heads": self.vision_heads,
+      "image_size": self.image_size,
+      "image_start_id": self.image_start_id,
+      "layers": self.vision_layers,
+      "mlp_ratio": self.vision_mlp_ratio,
+      "output_dim": self.hidden_size,
+      "patch_size": self.patch_size,
+      "width": self.vision_width,
+    }
     if self.n_queries != 256:  # Qwen's code only knows the default; keep non-default sizes round-trippable
       visual["n_queries"] = self.n_queries
     return {
-        "architectures": ["QWenLMHeadModel"],
-        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
-                     "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
-        "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0, "bf16": False, "fp16": False, "fp32": False,
-        "hidden_size": self.hidden_size, "initializer_range": self.initializer_range,
-        "intermediate_size": self.intermediate_size, "kv_channels": self.head_dim,
-        "layer_norm_epsilon": self.rms_norm_eps, "max_position_embeddings": 8192, "model_type": "qwen",
-        "no_bias": True, "num_attention_heads": self.num_heads, "num_hidden_layers": self.num_layers,
-        "onnx_safe": None, "rotary_emb_base": self.rope_base, "rotary_pct": 1.0, "scale_attn_weights": True,
-        "seq_length": self.seq_length, "tie_word_embeddings": False, "tokenizer_type": "QWenTokenizer",
-        "torch_dtype": {"bfloat16": "bfloat16", "float16": "float16"}.get(self.param_dtype, "float32"),
-        "use_cache": True, "use_dynamic_ntk": self.use_dynamic_ntk, "use_flash_attn": False,
-        "use_logn_attn": self.use_logn_attn, "visual": visual, "vocab_size": self.vocab_size,
+      "architectures": ["QWenLMHeadModel"],
+      "auto_map": {
+        "AutoConfig": "configuration_qwen.QWenConfig",
+        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+      },
+      "attn_dropout_prob": 0.0,
+      "emb_dropout_prob": 0.0,
+      "bf16": False,
+      "fp16": False,
+      "fp32": False,
+      "hidden_size": self.hidden_size,
+      "initializer_range": self.initializer_range,
+      "intermediate_size": self.intermediate_size,
+      "kv_channels": self.head_dim,
+      "layer_norm_epsilon": self.rms_norm_eps,
+      "max_position_embeddings": 8192,
+      "model_type": "qwen",
+      "no_bias": True,
+      "num_attention_heads": self.num_heads,
+      "num_hidden_layers": self.num_layers,
+      "onnx_safe": None,
+      "rotary_emb_base": self.rope_base,
+      "rotary_pct": 1.0,
+      "scale_attn_weights": True,
+      "seq_length": self.seq_length,
+      "tie_word_embeddings": False,
+      "tokenizer_type": "QWenTokenizer",
+      "torch_dtype": {"bfloat16": "bfloat16", "float16": "float16"}.get(self.param_dtype, "float32"),
+      "use_cache": True,
+      "use_dynamic_ntk": self.use_dynamic_ntk,
+      "use_flash_attn": False,
+      "use_logn_attn": self.use_logn_attn,
+      "visual": visual,
+      "vocab_size": self.vocab_size,
     }

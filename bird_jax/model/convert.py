@@ -36,18 +36,27 @@ from bird_jax.model.config import QwenVLConfig
 Path_ = tuple[str, ...]
 
 _ST_DTYPES: dict[str, np.dtype] = {
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F16": np.dtype(np.float16),
+  "F32": np.dtype(np.float32),
+  "F64": np.dtype(np.float64),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(bool),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-# ------------------------------------------------------------------------------------------------ name mapping
+# ---------------------------------------------------------------------------------------- name mapping
+
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One checkpoint tensor <-> one or more Flax leaves."""
+
   hf_name: str
   hf_shape: tuple[int, ...]
   # Flax leaf paths (unrolled names, e.g. ("llm", "h_3", "attn", "query", "kernel")) and their shapes.
@@ -56,8 +65,14 @@ class Entry:
   join: Callable[[list[np.ndarray]], np.ndarray]
 
 
-def _one(hf: str, shape: tuple[int, ...], path: Path_, to_flax: Callable[[np.ndarray], np.ndarray],
-         to_hf: Callable[[np.ndarray], np.ndarray], flax_shape: tuple[int, ...]) -> Entry:
+def _one(
+  hf: str,
+  shape: tuple[int, ...],
+  path: Path_,
+  to_flax: Callable[[np.ndarray], np.ndarray],
+  to_hf: Callable[[np.ndarray], np.ndarray],
+  flax_shape: tuple[int, ...],
+) -> Entry:
   return Entry(hf, shape, ((path, flax_shape),), lambda a: [to_flax(a)], lambda xs: to_hf(xs[0]))
 
 
@@ -72,18 +87,31 @@ def _linear(hf: str, out_dim: int, in_dim: int, path: Path_) -> Entry:
 
 def _linear_to_heads(hf: str, heads: int, hd: int, in_dim: int, path: Path_) -> Entry:
   """(h*d, in) -> kernel (in, h, d)."""
-  return _one(hf, (heads * hd, in_dim), path, lambda a: a.T.reshape(in_dim, heads, hd),
-              lambda a: a.reshape(in_dim, heads * hd).T, (in_dim, heads, hd))
+  return _one(
+    hf,
+    (heads * hd, in_dim),
+    path,
+    lambda a: a.T.reshape(in_dim, heads, hd),
+    lambda a: a.reshape(in_dim, heads * hd).T,
+    (in_dim, heads, hd),
+  )
 
 
 def _linear_from_heads(hf: str, out_dim: int, heads: int, hd: int, path: Path_) -> Entry:
   """(out, h*d) -> kernel (h, d, out)."""
-  return _one(hf, (out_dim, heads * hd), path, lambda a: a.T.reshape(heads, hd, out_dim),
-              lambda a: a.reshape(heads * hd, out_dim).T, (heads, hd, out_dim))
+  return _one(
+    hf,
+    (out_dim, heads * hd),
+    path,
+    lambda a: a.T.reshape(heads, hd, out_dim),
+    lambda a: a.reshape(heads * hd, out_dim).T,
+    (heads, hd, out_dim),
+  )
 
 
-def _packed_qkv(hf_w: str, hf_b: str, heads: int, hd: int, in_dim: int, prefix: Path_, interleaved: bool
-                ) -> list[Entry]:
+def _packed_qkv(
+  hf_w: str, hf_b: str, heads: int, hd: int, in_dim: int, prefix: Path_, interleaved: bool
+) -> list[Entry]:
   """Fused qkv Linear -> separate query/key/value DenseGeneral kernels (in, h, d) and biases (h, d).
 
   interleaved=False: rows [q (h*d) ; k ; v] (LLM c_attn, torch MultiheadAttention).
@@ -113,9 +141,14 @@ def _packed_qkv(hf_w: str, hf_b: str, heads: int, hd: int, in_dim: int, prefix: 
     return np.stack(xs, axis=1 if interleaved else 0).reshape(3 * e)
 
   return [
-      Entry(hf_w, (3 * e, in_dim), tuple((prefix + (n, "kernel"), (in_dim, heads, hd)) for n in names),
-            split_w, join_w),
-      Entry(hf_b, (3 * e,), tuple((prefix + (n, "bias"), (heads, hd)) for n in names), split_b, join_b),
+    Entry(
+      hf_w,
+      (3 * e, in_dim),
+      tuple((prefix + (n, "kernel"), (in_dim, heads, hd)) for n in names),
+      split_w,
+      join_w,
+    ),
+    Entry(hf_b, (3 * e,), tuple((prefix + (n, "bias"), (heads, hd)) for n in names), split_b, join_b),
   ]
 
 
@@ -130,59 +163,68 @@ def checkpoint_entries(cfg: QwenVLConfig) -> list[Entry]:
   for i in range(cfg.num_layers):
     t, fl = f"transformer.h.{i}.", ("llm", f"h_{i}")
     out += [
-        _same(t + "ln_1.weight", (e,), fl + ("ln_1", "scale")),
-        *_packed_qkv(t + "attn.c_attn.weight", t + "attn.c_attn.bias", h, d, e, fl + ("attn",), interleaved=False),
-        _linear_from_heads(t + "attn.c_proj.weight", e, h, d, fl + ("attn", "c_proj", "kernel")),
-        _same(t + "ln_2.weight", (e,), fl + ("ln_2", "scale")),
-        _linear(t + "mlp.w1.weight", f, e, fl + ("mlp", "w1", "kernel")),
-        _linear(t + "mlp.w2.weight", f, e, fl + ("mlp", "w2", "kernel")),
-        _linear(t + "mlp.c_proj.weight", e, f, fl + ("mlp", "c_proj", "kernel")),
+      _same(t + "ln_1.weight", (e,), fl + ("ln_1", "scale")),
+      *_packed_qkv(
+        t + "attn.c_attn.weight", t + "attn.c_attn.bias", h, d, e, fl + ("attn",), interleaved=False
+      ),
+      _linear_from_heads(t + "attn.c_proj.weight", e, h, d, fl + ("attn", "c_proj", "kernel")),
+      _same(t + "ln_2.weight", (e,), fl + ("ln_2", "scale")),
+      _linear(t + "mlp.w1.weight", f, e, fl + ("mlp", "w1", "kernel")),
+      _linear(t + "mlp.w2.weight", f, e, fl + ("mlp", "w2", "kernel")),
+      _linear(t + "mlp.c_proj.weight", e, f, fl + ("mlp", "c_proj", "kernel")),
     ]
   out += [
-      _same("transformer.ln_f.weight", (e,), ("llm", "ln_f", "scale")),
-      _linear("lm_head.weight", v, e, ("llm", "lm_head")),
+    _same("transformer.ln_f.weight", (e,), ("llm", "ln_f", "scale")),
+    _linear("lm_head.weight", v, e, ("llm", "lm_head")),
   ]
   vis = "transformer.visual."
   out += [
-      _one(vis + "conv1.weight", (w, 3, p, p), ("visual", "conv1", "kernel"),
-           lambda a: a.transpose(2, 3, 1, 0).reshape(p * p * 3, w),
-           lambda a: a.reshape(p, p, 3, w).transpose(3, 2, 0, 1), (p * p * 3, w)),
-      _same(vis + "positional_embedding", (cfg.vision_pos_grid ** 2, w), ("visual", "positional_embedding")),
-      _same(vis + "ln_pre.weight", (w,), ("visual", "ln_pre", "scale")),
-      _same(vis + "ln_pre.bias", (w,), ("visual", "ln_pre", "bias")),
+    _one(
+      vis + "conv1.weight",
+      (w, 3, p, p),
+      ("visual", "conv1", "kernel"),
+      lambda a: a.transpose(2, 3, 1, 0).reshape(p * p * 3, w),
+      lambda a: a.reshape(p, p, 3, w).transpose(3, 2, 0, 1),
+      (p * p * 3, w),
+    ),
+    _same(vis + "positional_embedding", (cfg.vision_pos_grid**2, w), ("visual", "positional_embedding")),
+    _same(vis + "ln_pre.weight", (w,), ("visual", "ln_pre", "scale")),
+    _same(vis + "ln_pre.bias", (w,), ("visual", "ln_pre", "bias")),
   ]
   for i in range(cfg.vision_layers):
     t, fl = f"{vis}transformer.resblocks.{i}.", ("visual", f"resblocks_{i}")
     out += [
-        _same(t + "ln_1.weight", (w,), fl + ("ln_1", "scale")),
-        _same(t + "ln_1.bias", (w,), fl + ("ln_1", "bias")),
-        *_packed_qkv(t + "attn.in_proj.weight", t + "attn.in_proj.bias", vh, vd, w, fl + ("attn",),
-                     interleaved=True),
-        _linear_from_heads(t + "attn.out_proj.weight", w, vh, vd, fl + ("attn", "out", "kernel")),
-        _same(t + "attn.out_proj.bias", (w,), fl + ("attn", "out", "bias")),
-        _same(t + "ln_2.weight", (w,), fl + ("ln_2", "scale")),
-        _same(t + "ln_2.bias", (w,), fl + ("ln_2", "bias")),
-        _linear(t + "mlp.c_fc.weight", m, w, fl + ("mlp", "c_fc", "kernel")),
-        _same(t + "mlp.c_fc.bias", (m,), fl + ("mlp", "c_fc", "bias")),
-        _linear(t + "mlp.c_proj.weight", w, m, fl + ("mlp", "c_proj", "kernel")),
-        _same(t + "mlp.c_proj.bias", (w,), fl + ("mlp", "c_proj", "bias")),
+      _same(t + "ln_1.weight", (w,), fl + ("ln_1", "scale")),
+      _same(t + "ln_1.bias", (w,), fl + ("ln_1", "bias")),
+      *_packed_qkv(
+        t + "attn.in_proj.weight", t + "attn.in_proj.bias", vh, vd, w, fl + ("attn",), interleaved=True
+      ),
+      _linear_from_heads(t + "attn.out_proj.weight", w, vh, vd, fl + ("attn", "out", "kernel")),
+      _same(t + "attn.out_proj.bias", (w,), fl + ("attn", "out", "bias")),
+      _same(t + "ln_2.weight", (w,), fl + ("ln_2", "scale")),
+      _same(t + "ln_2.bias", (w,), fl + ("ln_2", "bias")),
+      _linear(t + "mlp.c_fc.weight", m, w, fl + ("mlp", "c_fc", "kernel")),
+      _same(t + "mlp.c_fc.bias", (m,), fl + ("mlp", "c_fc", "bias")),
+      _linear(t + "mlp.c_proj.weight", w, m, fl + ("mlp", "c_proj", "kernel")),
+      _same(t + "mlp.c_proj.bias", (w,), fl + ("mlp", "c_proj", "bias")),
     ]
   ap, fl = vis + "attn_pool.", ("visual", "attn_pool")
   out += [
-      _same(ap + "query", (q, e), fl + ("query",)),
-      _same(ap + "pos_embed", (q, e), fl + ("pos_embed",)),
-      _linear(ap + "kv_proj.weight", e, w, fl + ("kv_proj", "kernel")),
-      *_packed_qkv(ap + "attn.in_proj_weight", ap + "attn.in_proj_bias", rh, rd, e, fl + ("attn",),
-                   interleaved=False),
-      _linear_from_heads(ap + "attn.out_proj.weight", e, rh, rd, fl + ("attn", "out", "kernel")),
-      _same(ap + "attn.out_proj.bias", (e,), fl + ("attn", "out", "bias")),
-      _same(ap + "ln_q.weight", (e,), fl + ("ln_q", "scale")),
-      _same(ap + "ln_q.bias", (e,), fl + ("ln_q", "bias")),
-      _same(ap + "ln_kv.weight", (e,), fl + ("ln_kv", "scale")),
-      _same(ap + "ln_kv.bias", (e,), fl + ("ln_kv", "bias")),
-      _same(vis + "ln_post.weight", (e,), ("visual", "ln_post", "scale")),
-      _same(vis + "ln_post.bias", (e,), ("visual", "ln_post", "bias")),
-      _same(vis + "proj", (e, e), ("visual", "proj")),  # used as x @ proj: already (in, out)
+    _same(ap + "query", (q, e), fl + ("query",)),
+    _same(ap + "pos_embed", (q, e), fl + ("pos_embed",)),
+    _linear(ap + "kv_proj.weight", e, w, fl + ("kv_proj", "kernel")),
+    *_packed_qkv(
+      ap + "attn.in_proj_weight", ap + "attn.in_proj_bias", rh, rd, e, fl + ("attn",), interleaved=False
+    ),
+    _linear_from_heads(ap + "attn.out_proj.weight", e, rh, rd, fl + ("attn", "out", "kernel")),
+    _same(ap + "attn.out_proj.bias", (e,), fl + ("attn", "out", "bias")),
+    _same(ap + "ln_q.weight", (e,), fl + ("ln_q", "scale")),
+    _same(ap + "ln_q.bias", (e,), fl + ("ln_q", "bias")),
+    _same(ap + "ln_kv.weight", (e,), fl + ("ln_kv", "scale")),
+    _same(ap + "ln_kv.bias", (e,), fl + ("ln_kv", "bias")),
+    _same(vis + "ln_post.weight", (e,), ("visual", "ln_post", "scale")),
+    _same(vis + "ln_post.bias", (e,), ("visual", "ln_post", "bias")),
+    _same(vis + "proj", (e, e), ("visual", "proj")),  # used as x @ proj: already (in, out)
   ]
   return out
 
@@ -191,12 +233,13 @@ def _scan_location(cfg: QwenVLConfig, path: Path_) -> tuple[Path_, int | None, i
   """Unrolled path -> (path in the actual tree, layer index or None, number of layers)."""
   if cfg.scan_layers and len(path) > 1:
     for key, n in (("h", cfg.num_layers), ("resblocks", cfg.vision_layers)):
-      if path[1].startswith(key + "_") and path[1][len(key) + 1:].isdigit():
-        return (path[0], key) + path[2:], int(path[1][len(key) + 1:]), n
+      if path[1].startswith(key + "_") and path[1][len(key) + 1 :].isdigit():
+        return (path[0], key) + path[2:], int(path[1][len(key) + 1 :]), n
   return path, None, 0
 
 
-# ------------------------------------------------------------------------------------------------ file reading
+# ---------------------------------------------------------------------------------------- file reading
+
 
 def _read_safetensors_header(fname: Path) -> tuple[dict[str, Any], int]:
   with open(fname, "rb") as fh:
@@ -216,7 +259,7 @@ def _iter_safetensors(fname: Path) -> Iterator[tuple[str, np.ndarray]]:
     if info["dtype"] not in _ST_DTYPES:
       raise ValueError(f"{fname}: tensor {name} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
-    arr = mm[base + start: base + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    arr = mm[base + start : base + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
     yield name, arr
 
 
@@ -235,8 +278,10 @@ def _iter_torch_bin(fname: Path) -> Iterator[tuple[str, np.ndarray]]:
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
   """Weight files of a HF checkpoint dir, in index order (safetensors preferred over .bin)."""
   root = Path(path)
-  for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                             ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+  for index_name, single in (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+  ):
     index = root / index_name
     if index.exists():
       weight_map = json.loads(index.read_text())["weight_map"]
@@ -247,7 +292,9 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
       return [root / f for f in files]
     if (root / single).exists():
       return [root / single]
-  raise FileNotFoundError(f"{root}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json] found")
+  raise FileNotFoundError(
+    f"{root}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json] found"
+  )
 
 
 def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray, Path]]:
@@ -258,7 +305,8 @@ def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray, 
       yield name, arr, fname
 
 
-# ------------------------------------------------------------------------------------------------ import
+# ---------------------------------------------------------------------------------------- import
+
 
 def _set(tree: dict, path: Path_, value: Any) -> None:
   for k in path[:-1]:
@@ -272,16 +320,23 @@ def _get(tree: Any, path: Path_) -> Any:
   return tree
 
 
-def _shardings_from_rules(cfg: QwenVLConfig, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]] | None
-                          ) -> Any:
+def _shardings_from_rules(
+  cfg: QwenVLConfig, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]] | None
+) -> Any:
   from bird_jax.model.qwen_vl import abstract_params
 
   spec = nn.get_partition_spec(abstract_params(cfg))
   return nn.logical_to_mesh_sharding(spec, mesh, rules)
 
 
-def load_params(path: str | os.PathLike, cfg: QwenVLConfig, *, shardings: Any = None,
-                mesh: jax.sharding.Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None) -> dict:
+def load_params(
+  path: str | os.PathLike,
+  cfg: QwenVLConfig,
+  *,
+  shardings: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: Sequence[tuple[str, Any]] | None = None,
+) -> dict:
   """Reads the checkpoint at `path` into a Flax param tree for `cfg` (plain jax arrays in cfg.param_dtype).
 
   shardings: pytree of jax.sharding.Sharding matching the param tree; or mesh (+ logical `rules`, e.g. the
@@ -297,8 +352,17 @@ def load_params(path: str | os.PathLike, cfg: QwenVLConfig, *, shardings: Any = 
   pending: dict[Path_, tuple[np.ndarray, set[int]]] = {}  # scanned leaves being stacked
 
   def place(path: Path_, value: np.ndarray) -> None:
-    sharding = _get(shardings, path) if shardings is not None else None
-    _set(params, path, jax.device_put(value, sharding) if sharding is not None else jax.device_put(value))
+    try:
+      sharding = _get(shardings, path) if shardings is not None else None
+    except (KeyError, TypeError, IndexError):
+      raise ValueError(
+        f"shardings have no entry for param {'/'.join(path)}; build them for the same config "
+        f"(scan_layers={cfg.scan_layers}: pass scan_layers= to load_pretrained to match)"
+      ) from None
+    try:
+      _set(params, path, jax.device_put(value, sharding) if sharding is not None else jax.device_put(value))
+    except ValueError as e:  # typically a dim not divisible by its mesh axes: name the param and the rule
+      raise ValueError(f"cannot place param {'/'.join(path)} {value.shape} with {sharding}: {e}") from e
 
   for name, arr, fname in iter_checkpoint(path):
     en = entries.get(name)
@@ -306,8 +370,10 @@ def load_params(path: str | os.PathLike, cfg: QwenVLConfig, *, shardings: Any = 
       unexpected.append(name)
       continue
     if tuple(arr.shape) != en.hf_shape:
-      raise ValueError(f"{fname}: tensor {name} has shape {tuple(arr.shape)}, expected {en.hf_shape} for this "
-                       f"config (check config.json matches the weights)")
+      raise ValueError(
+        f"{fname}: tensor {name} has shape {tuple(arr.shape)}, expected {en.hf_shape} for this "
+        f"config (check config.json matches the weights)"
+      )
     if name in seen:
       raise ValueError(f"{fname}: tensor {name} appears twice in the checkpoint")
     seen.add(name)
@@ -325,29 +391,44 @@ def load_params(path: str | os.PathLike, cfg: QwenVLConfig, *, shardings: Any = 
         place(real_path, buf)
         del pending[real_path]
   if unexpected:
-    raise ValueError(f"{path}: {len(unexpected)} unexpected tensor(s) not in Qwen-VL's layout for this config, "
-                     f"e.g. {unexpected[:5]} (wrong checkpoint type, or a GPTQ/Int4 checkpoint?)")
+    raise ValueError(
+      f"{path}: {len(unexpected)} unexpected tensor(s) not in Qwen-VL's layout for this config, "
+      f"e.g. {unexpected[:5]} (wrong checkpoint type, or a GPTQ/Int4 checkpoint?)"
+    )
   missing = [n for n in entries if n not in seen]
   if missing:
-    raise ValueError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[:5]} (incomplete download or "
-                     f"num_hidden_layers/visual.layers in config.json too large)")
+    raise ValueError(
+      f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[:5]} (incomplete download or "
+      f"num_hidden_layers/visual.layers in config.json too large)"
+    )
   return params
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
-                    mesh: jax.sharding.Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None,
-                    shardings: Any = None, **config_overrides: Any) -> tuple[QwenVLConfig, dict]:
+def load_pretrained(
+  path: str | os.PathLike,
+  *,
+  dtype: str = "float32",
+  param_dtype: str | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: Sequence[tuple[str, Any]] | None = None,
+  shardings: Any = None,
+  **config_overrides: Any,
+) -> tuple[QwenVLConfig, dict]:
   """HF Qwen-VL checkpoint dir -> (QwenVLConfig, params). dtype = compute dtype; params stored in
   param_dtype (default: dtype). config_overrides go to QwenVLConfig (e.g. scan_layers=True, remat_policy)."""
   cfg_file = Path(path) / "config.json"
   if not cfg_file.exists():
-    raise FileNotFoundError(f"{cfg_file} not found: point load_pretrained at a Hugging Face Qwen-VL checkpoint dir")
-  cfg = QwenVLConfig.from_hf_config(json.loads(cfg_file.read_text()), dtype=dtype,
-                                    param_dtype=param_dtype or dtype, **config_overrides)
+    raise FileNotFoundError(
+      f"{cfg_file} not found: point load_pretrained at a Hugging Face Qwen-VL checkpoint dir"
+    )
+  cfg = QwenVLConfig.from_hf_config(
+    json.loads(cfg_file.read_text()), dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides
+  )
   return cfg, load_params(path, cfg, shardings=shardings, mesh=mesh, rules=rules)
 
 
-# ------------------------------------------------------------------------------------------------ export
+# ---------------------------------------------------------------------------------------- export
+
 
 def _to_host(x: Any) -> np.ndarray:
   x = nn.unbox(x)
@@ -362,8 +443,11 @@ def _write_safetensors(fname: Path, tensors: list[tuple[str, np.ndarray]]) -> No
   header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
   offset = 0
   for name, arr in tensors:
-    header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + arr.nbytes]}
+    header[name] = {
+      "dtype": _ST_NAMES[arr.dtype],
+      "shape": list(arr.shape),
+      "data_offsets": [offset, offset + arr.nbytes],
+    }
     offset += arr.nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
@@ -376,9 +460,16 @@ def _write_safetensors(fname: Path, tensors: list[tuple[str, np.ndarray]]) -> No
   tmp.replace(fname)
 
 
-def export_hf(params: dict, cfg: QwenVLConfig, out_dir: str | os.PathLike, *, shard_size: int = 5 * 2 ** 30,
-              dtype: str | None = "bfloat16", extra_files_from: str | os.PathLike | None = None) -> list[Path]:
-  """Writes params as a Qwen-VL HF checkpoint: sharded safetensors + model.safetensors.index.json + config.json.
+def export_hf(
+  params: dict,
+  cfg: QwenVLConfig,
+  out_dir: str | os.PathLike,
+  *,
+  shard_size: int = 5 * 2**30,
+  dtype: str | None = "bfloat16",
+  extra_files_from: str | os.PathLike | None = None,
+) -> list[Path]:
+  """Writes params as a Qwen-VL HF checkpoint: safetensors shards + index json + config.json.
 
   dtype: tensor dtype in the files (None: keep the params' dtype). extra_files_from: copy the non-weight files
   of that dir (tokenizer, generation_config.json, remote-code .py) so the result loads with the HF code.
@@ -428,7 +519,11 @@ def export_hf(params: dict, cfg: QwenVLConfig, out_dir: str | os.PathLike, *, sh
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     if extra_files_from is not None:
       for src in Path(extra_files_from).iterdir():
-        skip = src.suffix in (".safetensors", ".bin") or src.name.endswith(".index.json") or src.name == "config.json"
+        skip = (
+          src.suffix in (".safetensors", ".bin")
+          or src.name.endswith(".index.json")
+          or src.name == "config.json"
+        )
         if src.is_file() and not skip:
           shutil.copyfile(src, out / src.name)
   return files

@@ -42,20 +42,27 @@ def remat_policy(name: str) -> Callable[..., bool] | None | str:
   """Config string -> jax.checkpoint policy. Returns "none" when no remat should be applied."""
   policies = jax.checkpoint_policies
   table: dict[str, Callable[..., bool] | None | str] = {
-      "none": "none",
-      "full": policies.nothing_saveable,
-      "minimal": policies.checkpoint_dots_with_no_batch_dims,
-      "dots_with_no_batch_dims": policies.dots_with_no_batch_dims_saveable,
-      "dots": policies.dots_saveable,
+    "none": "none",
+    "full": policies.nothing_saveable,
+    "minimal": policies.checkpoint_dots_with_no_batch_dims,
+    "dots_with_no_batch_dims": policies.dots_with_no_batch_dims_saveable,
+    "dots": policies.dots_saveable,
   }
   if name not in table:
     raise ValueError(f"unknown remat policy {name!r}; use one of {sorted(table)}")
   return table[name]
 
 
-def stack_blocks(block_cls: type[nn.Module], cfg: QwenVLConfig, policy_name: str, num: int,
-                 in_axes: tuple, name: str, layer_axis: str = "layers", **block_kwargs
-                 ) -> nn.Module | list[nn.Module]:
+def stack_blocks(
+  block_cls: type[nn.Module],
+  cfg: QwenVLConfig,
+  policy_name: str,
+  num: int,
+  in_axes: tuple,
+  name: str,
+  layer_axis: str = "layers",
+  **block_kwargs,
+) -> nn.Module | list[nn.Module]:
   """Scanned (params get a leading `layer_axis` axis) or unrolled list of blocks, with optional remat.
 
   Blocks are called as block(carry, *args) -> (carry, per_layer_output). in_axes describes args
@@ -66,21 +73,30 @@ def stack_blocks(block_cls: type[nn.Module], cfg: QwenVLConfig, policy_name: str
   if policy != "none":
     cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
-                      length=num, metadata_params={nn.PARTITION_NAME: layer_axis})
+    scanned = nn.scan(
+      cls,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=in_axes,
+      length=num,
+      metadata_params={nn.PARTITION_NAME: layer_axis},
+    )
     return scanned(cfg, name=name, **block_kwargs)
   return [cls(cfg, name=f"{name}_{i}", **block_kwargs) for i in range(num)]
 
 
-def run_blocks(blocks: nn.Module | Sequence[nn.Module], cfg: QwenVLConfig, x: Array, *args,
-               per_layer: Sequence[bool] = ()) -> tuple[Array, object]:
+def run_blocks(
+  blocks: nn.Module | Sequence[nn.Module], cfg: QwenVLConfig, x: Array, *args, per_layer: Sequence[bool] = ()
+) -> tuple[Array, object]:
   """Runs stack_blocks' output. per_layer[i] says args[i] is stacked over layers (leading axis)."""
   if not isinstance(blocks, (list, tuple)):
     return blocks(x, *args)
   outs = []
   for i, blk in enumerate(blocks):
-    layer_args = [jax.tree.map(lambda a, i=i: a[i], arg) if (j < len(per_layer) and per_layer[j]) else arg
-                  for j, arg in enumerate(args)]
+    layer_args = [
+      jax.tree.map(lambda a, i=i: a[i], arg) if (j < len(per_layer) and per_layer[j]) else arg
+      for j, arg in enumerate(args)
+    ]
     x, out = blk(x, *layer_args)
     outs.append(out)
   stacked = None if all(o is None for o in outs) else jax.tree.map(lambda *a: jnp.stack(a), *outs)
@@ -94,7 +110,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+    )
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return y.astype(self.dtype) * scale.astype(self.dtype)
@@ -123,20 +141,76 @@ def gelu_exact(x: Array) -> Array:
   return jax.nn.gelu(x, approximate=False)
 
 
-def dense_general(features: int | tuple[int, ...], names: Sequence[str | None], cfg: QwenVLConfig, *,
-                  axis: int | tuple[int, ...] = -1, use_bias: bool = True, name: str | None = None,
-                  bias_names: Sequence[str | None] | None = None) -> nn.DenseGeneral:
-  """DenseGeneral whose kernel has logical axis names `names` (input dims then output dims)."""
+class DenseGeneral(nn.Module):
+  """y = x . kernel over the trailing `n_in` dims of x; kernel shape = those dims + features.
+
+  Our own (not nn.DenseGeneral): Flax's version creates multi-dim kernels flat and reshapes them, which
+  applies the rank-3 logical constraint to a rank-2 value under a mesh context and fails.
+  """
+
+  features: tuple[int, ...]
+  n_in: int
+  names: tuple[str | None, ...]
+  bias_names: tuple[str | None, ...]
+  use_bias: bool
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  init_std: float
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.n_in :]
+    kernel = self.param(
+      "kernel",
+      partitioned(nn.initializers.normal(self.init_std), self.names),
+      tuple(in_shape) + tuple(self.features),
+      self.param_dtype,
+    )
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param(
+        "bias", partitioned(nn.initializers.zeros, self.bias_names), tuple(self.features), self.param_dtype
+      )
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense_general(
+  features: int | tuple[int, ...],
+  names: Sequence[str | None],
+  cfg: QwenVLConfig,
+  *,
+  axis: int | tuple[int, ...] = -1,
+  use_bias: bool = True,
+  name: str | None = None,
+  bias_names: Sequence[str | None] | None = None,
+) -> DenseGeneral:
+  """Dense layer whose kernel has logical axis names `names` (input dims then output dims).
+
+  axis: the trailing input dims contracted (-1, or (-2, -1) for a heads x head_dim input).
+  """
   feats = features if isinstance(features, tuple) else (features,)
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  if (axis if isinstance(axis, int) else axis[-1]) != -1:
+    raise ValueError("dense_general contracts trailing dims only")
   if bias_names is None:
-    bias_names = tuple(names)[-len(feats):]
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-      kernel_init=partitioned(nn.initializers.normal(cfg.initializer_range), names),
-      bias_init=partitioned(nn.initializers.zeros, bias_names), name=name)
+    bias_names = tuple(names)[-len(feats) :]
+  return DenseGeneral(
+    features=feats,
+    n_in=n_in,
+    names=tuple(names),
+    bias_names=tuple(bias_names),
+    use_bias=use_bias,
+    dtype=cfg.compute_dtype,
+    param_dtype=cfg.params_dtype,
+    init_std=cfg.initializer_range,
+    name=name,
+  )
 
 
-# ------------------------------------------------------------------------------------------------ attention
+# ---------------------------------------------------------------------------------------- attention
+
 
 def attention(q: Array, k: Array, v: Array, mask: Array | None, dtype: jnp.dtype) -> Array:
   """q [B,Lq,H,D], k/v [B,Lk,H,D], mask broadcastable to [B,H,Lq,Lk] (True = attend) -> [B,Lq,H,D].
@@ -152,7 +226,8 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, dtype: jnp.dtype
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype))
 
 
-# ------------------------------------------------------------------------------------------------ RoPE
+# ---------------------------------------------------------------------------------------- RoPE
+
 
 def rope_inv_freq(head_dim: int, base: float | Array) -> Array:
   """inv_freq_i = 1 / base^(2i/d), float32 (Qwen's RotaryEmbedding)."""
@@ -178,14 +253,18 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-# ------------------------------------------------------------------------------------------------ position tables
+# ---------------------------------------------------------------------------------------- position tables
+
 
 def _cubic_weights(t: np.ndarray, a: float) -> np.ndarray:
   """Weights of the 4 taps at offsets -1, 0, 1, 2 for fractional position t (torch's upsample_bicubic2d)."""
+
   def near(x):  # |x| <= 1
     return ((a + 2) * x - (a + 3)) * x * x + 1
+
   def far(x):  # 1 < |x| < 2
     return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
   one = np.float32(1)
   return np.stack([far(t + one), near(t), near(one - t), far(np.float32(2) - t)], axis=-1)
 
@@ -213,7 +292,7 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
 def interpolate_pos_table(table: Array, out_grid: int) -> Array:
   """Qwen's get_abs_pos: [S*S, C] square table -> [T*T, C] (row-major grid), float32 math, original dtype."""
   rows, c = table.shape
-  src = int(round(rows ** 0.5))
+  src = int(round(rows**0.5))
   if src * src != rows:
     raise ValueError(f"positional table has {rows} rows, not a square grid")
   if src == out_grid:
@@ -225,12 +304,14 @@ def interpolate_pos_table(table: Array, out_grid: int) -> Array:
 
 
 def sincos_2d_table(embed_dim: int, grid: int) -> np.ndarray:
-  """MAE 2D sin-cos table [grid*grid, embed_dim]: first half encodes the column (x), second half the row (y)."""
+  """MAE 2D sin-cos table [grid*grid, embed_dim]: first half encodes the column (x), second the row (y)."""
+
   def one_d(dim: int, pos: np.ndarray) -> np.ndarray:
     omega = np.arange(dim // 2, dtype=np.float32) / (dim / 2.0)
-    omega = 1.0 / 10000 ** omega
+    omega = 1.0 / 10000**omega
     out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
   gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
   emb = np.concatenate([one_d(embed_dim // 2, gw), one_d(embed_dim // 2, gh)], axis=1)
   return emb.astype(np.float32)

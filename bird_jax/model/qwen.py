@@ -1,6 +1,6 @@
 """Qwen(-7B) decoder as used inside Qwen-VL: RMSNorm pre-norm blocks, RoPE, MHA with q/k/v bias, SwiGLU.
 
-`QwenLM(cfg)(input_ids [B, L], ...) -> logits [B, L, V] float32` (see `QwenLM.__call__` for the KV-cache modes).
+`QwenLM(cfg)(input_ids [B, L], ...) -> logits [B, L, V] float32` (KV-cache modes: see `QwenLM.__call__`).
 
 Param tree (torch names of the checkpoint in brackets):
   wte/embedding (V, E)                                  [transformer.wte.weight]
@@ -25,17 +25,17 @@ import jax.numpy as jnp
 
 from bird_jax.model.config import QwenVLConfig
 from bird_jax.model.layers import (
-    BLE,
-    BLHD,
-    RMSNorm,
-    apply_rope,
-    attention,
-    constrain,
-    dense_general,
-    partitioned,
-    rope_inv_freq,
-    run_blocks,
-    stack_blocks,
+  BLE,
+  BLHD,
+  RMSNorm,
+  apply_rope,
+  attention,
+  constrain,
+  dense_general,
+  partitioned,
+  rope_inv_freq,
+  run_blocks,
+  stack_blocks,
 )
 
 Array = jax.Array
@@ -46,8 +46,16 @@ class QwenAttention(nn.Module):
   cfg: QwenVLConfig
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array, inv_freq: Array, logn: Array | None,
-               cache: KVCache | None, cache_index: Array | None) -> tuple[Array, KVCache]:
+  def __call__(
+    self,
+    x: Array,
+    positions: Array,
+    mask: Array,
+    inv_freq: Array,
+    logn: Array | None,
+    cache: KVCache | None,
+    cache_index: Array | None,
+  ) -> tuple[Array, KVCache]:
     cfg = self.cfg
     names = ("embed", "heads", "kv")
     proj = lambda n: dense_general((cfg.num_heads, cfg.head_dim), names, cfg, name=n)(x)
@@ -66,8 +74,9 @@ class QwenAttention(nn.Module):
       new_kv = (ck, cv)
       k, v = ck.astype(cfg.compute_dtype), cv.astype(cfg.compute_dtype)
     out = attention(q, k, v, mask[:, None], cfg.compute_dtype)
-    out = dense_general(cfg.hidden_size, ("heads", "kv", "embed"), cfg, axis=(-2, -1), use_bias=False,
-                        name="c_proj")(out)
+    out = dense_general(
+      cfg.hidden_size, ("heads", "kv", "embed"), cfg, axis=(-2, -1), use_bias=False, name="c_proj"
+    )(out)
     return out, new_kv
 
 
@@ -89,12 +98,21 @@ class QwenBlock(nn.Module):
   return_kv: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array, inv_freq: Array, logn: Array | None,
-               cache: KVCache | None, cache_index: Array | None) -> tuple[Array, KVCache | None]:
+  def __call__(
+    self,
+    x: Array,
+    positions: Array,
+    mask: Array,
+    inv_freq: Array,
+    logn: Array | None,
+    cache: KVCache | None,
+    cache_index: Array | None,
+  ) -> tuple[Array, KVCache | None]:
     cfg = self.cfg
     norm = lambda n: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name=n)
-    h, kv = QwenAttention(cfg, name="attn")(norm("ln_1")(x), positions, mask, inv_freq, logn, cache,
-                                            cache_index)
+    h, kv = QwenAttention(cfg, name="attn")(
+      norm("ln_1")(x), positions, mask, inv_freq, logn, cache, cache_index
+    )
     x = x + h
     x = x + QwenMLP(cfg, name="mlp")(norm("ln_2")(x))
     x = constrain(x, BLE)
@@ -107,8 +125,9 @@ def ntk_alpha(lengths: Array, seq_length: int) -> Array:
   return jnp.maximum(2.0 ** jnp.ceil(ctx) - 1.0, 1.0)
 
 
-def merge_image_features(hidden: Array, input_ids: Array, features: Array, n_images: int, image_start_id: int,
-                         n_queries: int) -> Array:
+def merge_image_features(
+  hidden: Array, input_ids: Array, features: Array, n_images: int, image_start_id: int, n_queries: int
+) -> Array:
   """Overwrite rows a+1..a+n_queries after the k-th `<img>` (id image_start_id) of row b with features[b, k].
 
   hidden [B, L, E]; features [B, n_images * n_queries, E]. Static shapes, no Python loop over tokens.
@@ -139,11 +158,22 @@ class QwenLM(nn.Module):
   cfg: QwenVLConfig
 
   @nn.compact
-  def __call__(self, input_ids: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-               image_features: Array | None = None, n_images: int = 0, cache: KVCache | None = None,
-               cache_index: Array | None = None, kv_mask: Array | None = None, return_kv: bool = False,
-               inference: bool = False, rope_alpha: Array | None = None, return_hidden: bool = False,
-               ) -> Array | tuple[Array, KVCache]:
+  def __call__(
+    self,
+    input_ids: Array,
+    *,
+    positions: Array | None = None,
+    segment_ids: Array | None = None,
+    image_features: Array | None = None,
+    n_images: int = 0,
+    cache: KVCache | None = None,
+    cache_index: Array | None = None,
+    kv_mask: Array | None = None,
+    return_kv: bool = False,
+    inference: bool = False,
+    rope_alpha: Array | None = None,
+    return_hidden: bool = False,
+  ) -> Array | tuple[Array, KVCache]:
     """Modes:
       * training / plain forward: cache=None, return_kv=False -> logits [B, L, V] float32.
       * prefill: return_kv=True -> (logits, (k, v)) with k/v [layers, B, L, H, D] (pad them into a cache).
@@ -156,9 +186,14 @@ class QwenLM(nn.Module):
     """
     cfg = self.cfg
     batch, length = input_ids.shape
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                     embedding_init=partitioned(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
-                     name="wte")
+    embed = nn.Embed(
+      cfg.vocab_size,
+      cfg.hidden_size,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.params_dtype,
+      embedding_init=partitioned(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+      name="wte",
+    )
     x = embed(input_ids)
     if image_features is not None:
       x = merge_image_features(x, input_ids, image_features, n_images, cfg.image_start_id, cfg.n_queries)
@@ -187,18 +222,38 @@ class QwenLM(nn.Module):
       p1 = (positions + 1).astype(jnp.float32)
       logn = jnp.where(p1 > cfg.seq_length, jnp.log(p1) / math.log(cfg.seq_length), 1.0)
 
-    blocks = stack_blocks(QwenBlock, cfg, cfg.remat_policy, cfg.num_layers,
-                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                          name="h", return_kv=return_kv)
-    x, kv = run_blocks(blocks, cfg, x, positions, mask, inv_freq, logn, cache, cache_index,
-                       per_layer=(False, False, False, False, True, False))
+    blocks = stack_blocks(
+      QwenBlock,
+      cfg,
+      cfg.remat_policy,
+      cfg.num_layers,
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+      name="h",
+      return_kv=return_kv,
+    )
+    x, kv = run_blocks(
+      blocks,
+      cfg,
+      x,
+      positions,
+      mask,
+      inv_freq,
+      logn,
+      cache,
+      cache_index,
+      per_layer=(False, False, False, False, True, False),
+    )
 
     x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name="ln_f")(x)
     if return_hidden:
       out = x
     else:
-      head = self.param("lm_head", partitioned(nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")),
-                        (cfg.hidden_size, cfg.vocab_size), cfg.params_dtype)
+      head = self.param(
+        "lm_head",
+        partitioned(nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")),
+        (cfg.hidden_size, cfg.vocab_size),
+        cfg.params_dtype,
+      )
       out = jnp.einsum("ble,ev->blv", x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
       out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
     if return_kv or cache is not None:

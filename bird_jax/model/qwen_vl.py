@@ -16,7 +16,7 @@ Params come back boxed in `nn.LogicallyPartitioned` from init (use `nn.get_parti
 `nn.logical_to_mesh_sharding`, then `nn.unbox`); apply accepts boxed or plain arrays.
 
 Param tree (full listing in vit.py, resampler.py, qwen.py):
-  visual/conv1, visual/positional_embedding, visual/ln_pre, visual/resblocks[_i]  ViT trunk     -> frozen in SFT
+  visual/{conv1,positional_embedding,ln_pre,resblocks[_i]}                      ViT trunk     -> frozen in SFT
   visual/attn_pool/*                                                            resampler     -> trained
   visual/attn_pool/pos_embed                                                    fixed sin-cos -> ALWAYS frozen
   visual/ln_post, visual/proj                                                   after pool    -> frozen
@@ -45,9 +45,16 @@ class QwenVL(nn.Module):
   config: QwenVLConfig
 
   @nn.compact
-  def __call__(self, input_ids: Array, pixel_values: Array | None = None, *, positions: Array | None = None,
-               segment_ids: Array | None = None, image_features: Array | None = None,
-               **lm_kwargs: Any) -> Array | tuple[Array, Any]:
+  def __call__(
+    self,
+    input_ids: Array,
+    pixel_values: Array | None = None,
+    *,
+    positions: Array | None = None,
+    segment_ids: Array | None = None,
+    image_features: Array | None = None,
+    **lm_kwargs: Any,
+  ) -> Array | tuple[Array, Any]:
     """input_ids [B, L]; pixel_values [B, N, S, S, 3] or None; or image_features [B, N, n_queries, E]
     precomputed by `encode_images` (then pixel_values must be None). lm_kwargs go to `QwenLM.__call__`
     (KV-cache modes, inference=True for logn/NTK, return_hidden=True for a chunked loss)."""
@@ -64,12 +71,19 @@ class QwenVL(nn.Module):
     elif image_features is not None:
       b, n_images = image_features.shape[:2]
       feats = image_features.reshape(b, n_images * cfg.n_queries, cfg.hidden_size)
-    return QwenLM(cfg, name="llm")(input_ids, positions=positions, segment_ids=segment_ids,
-                                   image_features=feats, n_images=n_images, **lm_kwargs)
+    return QwenLM(cfg, name="llm")(
+      input_ids,
+      positions=positions,
+      segment_ids=segment_ids,
+      image_features=feats,
+      n_images=n_images,
+      **lm_kwargs,
+    )
 
 
-def dummy_inputs(cfg: QwenVLConfig, batch: int = 1, length: int = 8, n_images: int = 1
-                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
+def dummy_inputs(
+  cfg: QwenVLConfig, batch: int = 1, length: int = 8, n_images: int = 1
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   ids = jnp.zeros((batch, length), jnp.int32)
   px = jnp.zeros((batch, n_images, cfg.image_size, cfg.image_size, 3), jnp.float32)
   return ids, px
@@ -91,13 +105,15 @@ def encode_images(cfg: QwenVLConfig, visual_params: Any, pixel_values: Array) ->
   return VisionTower(cfg).apply({"params": visual_params}, pixel_values)
 
 
-def trainable_mask(params: Any, *, train_vit: bool = False, train_resampler: bool = True,
-                   train_llm: bool = True) -> Any:
+def trainable_mask(
+  params: Any, *, train_vit: bool = False, train_resampler: bool = True, train_llm: bool = True
+) -> Any:
   """Pytree of bools matching `params` (boxed or not) for optax.masked / multi_transform.
 
   Default = official Qwen-VL SFT / BiRD stage 2: ViT trunk, ln_post and proj frozen; attn_pool and the LLM
   trained; attn_pool/pos_embed is never trained (a fixed sin-cos table in the original).
   """
+
   def decide(path: tuple[Any, ...], _: Any) -> bool:
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
     if keys[:1] == ["llm"]:
@@ -107,6 +123,7 @@ def trainable_mask(params: Any, *, train_vit: bool = False, train_resampler: boo
     if keys[:1] == ["visual"]:
       return train_vit
     raise ValueError(f"unexpected param path {'/'.join(map(str, keys))}")
+
   return jax.tree_util.tree_map_with_path(decide, params)
 
 

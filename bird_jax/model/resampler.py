@@ -23,13 +23,13 @@ import jax.numpy as jnp
 
 from bird_jax.model.config import QwenVLConfig
 from bird_jax.model.layers import (
-    LayerNorm,
-    attention,
-    constrain,
-    dense_general,
-    interpolate_pos_table,
-    partitioned,
-    sincos_2d_table,
+  LayerNorm,
+  attention,
+  constrain,
+  dense_general,
+  interpolate_pos_table,
+  partitioned,
+  sincos_2d_table,
 )
 
 Array = jax.Array
@@ -43,12 +43,17 @@ class Resampler(nn.Module):
     cfg = self.cfg
     e, nq = cfg.hidden_size, cfg.n_queries
     heads = cfg.num_resampler_heads
-    qgrid = int(round(nq ** 0.5))
-    query = self.param("query", partitioned(nn.initializers.truncated_normal(0.02),
-                                            ("resampler_queries", "resampler_embed")), (nq, e), cfg.params_dtype)
+    qgrid = int(round(nq**0.5))
+    query = self.param(
+      "query",
+      partitioned(nn.initializers.truncated_normal(0.02), ("resampler_queries", "resampler_embed")),
+      (nq, e),
+      cfg.params_dtype,
+    )
     pos_init = lambda *_: jnp.asarray(sincos_2d_table(e, qgrid), cfg.params_dtype)
-    pos_embed = self.param("pos_embed", partitioned(pos_init, ("resampler_queries", "resampler_embed")), (nq, e),
-                           cfg.params_dtype)
+    pos_embed = self.param(
+      "pos_embed", partitioned(pos_init, ("resampler_queries", "resampler_embed")), (nq, e), cfg.params_dtype
+    )
     pos_embed = jax.lax.stop_gradient(pos_embed)
     ln = lambda n: LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype, name=n)
 
@@ -67,6 +72,7 @@ class Resampler(nn.Module):
 
 class CrossAttention(nn.Module):
   """torch.nn.MultiheadAttention with separate q/k/v projections (checkpoint packs them as [q; k; v])."""
+
   cfg: QwenVLConfig
   heads: int
 

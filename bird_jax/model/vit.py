@@ -1,6 +1,6 @@
 """Qwen-VL vision tower: ViT trunk (no class token) + resampler + ln_post + proj.
 
-`VisionTower(cfg)(pixel_values [N, H, W, 3] float32, CLIP-normalised, channels last) -> [N, n_queries, hidden]`.
+`VisionTower(cfg)(pixel_values [N, H, W, 3]) -> [N, n_queries, hidden]`; pixels float32 CLIP-normalised NHWC.
 
 Param tree (Flax names; torch names of the HF checkpoint in brackets):
   conv1/kernel                 (p*p*3, W)   [visual.conv1.weight OIHW, flattened in (kh, kw, c) order]
@@ -24,16 +24,16 @@ import jax.numpy as jnp
 
 from bird_jax.model.config import QwenVLConfig
 from bird_jax.model.layers import (
-    BLE,
-    LayerNorm,
-    attention,
-    constrain,
-    dense_general,
-    gelu_exact,
-    interpolate_pos_table,
-    partitioned,
-    run_blocks,
-    stack_blocks,
+  BLE,
+  LayerNorm,
+  attention,
+  constrain,
+  dense_general,
+  gelu_exact,
+  interpolate_pos_table,
+  partitioned,
+  run_blocks,
+  stack_blocks,
 )
 from bird_jax.model.resampler import Resampler
 
@@ -50,12 +50,14 @@ class VisionAttention(nn.Module):
     proj = lambda n: dense_general((h, d), ("vit_embed", "vit_heads", "vit_kv"), cfg, name=n)(x)
     q, k, v = proj("query"), proj("key"), proj("value")
     out = attention(q, k, v, None, cfg.compute_dtype)
-    return dense_general(cfg.vision_width, ("vit_heads", "vit_kv", "vit_embed"), cfg, axis=(-2, -1),
-                         name="out")(out)
+    return dense_general(
+      cfg.vision_width, ("vit_heads", "vit_kv", "vit_embed"), cfg, axis=(-2, -1), name="out"
+    )(out)
 
 
 class VisionBlock(nn.Module):
   """Pre-LN residual block; MLP params grouped under `mlp` to mirror the checkpoint layout."""
+
   cfg: QwenVLConfig
 
   @nn.compact
@@ -94,24 +96,38 @@ class VisionTower(nn.Module):
     w = cfg.vision_width
     self.conv1 = dense_general(w, ("vit_patch", "vit_embed"), cfg, use_bias=False, name="conv1")
     self.positional_embedding = self.param(
-        "positional_embedding", partitioned(nn.initializers.normal(w ** -0.5), (None, "vit_embed")),
-        (cfg.vision_pos_grid ** 2, w), cfg.params_dtype)
+      "positional_embedding",
+      partitioned(nn.initializers.normal(w**-0.5), (None, "vit_embed")),
+      (cfg.vision_pos_grid**2, w),
+      cfg.params_dtype,
+    )
     self.ln_pre = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype)
-    self.resblocks = stack_blocks(VisionBlock, cfg, cfg.vision_remat_policy or cfg.remat_policy,
-                                  cfg.vision_layers, in_axes=(), name="resblocks",
-                                  layer_axis="vit_layers")
+    self.resblocks = stack_blocks(
+      VisionBlock,
+      cfg,
+      cfg.vision_remat_policy or cfg.remat_policy,
+      cfg.vision_layers,
+      in_axes=(),
+      name="resblocks",
+      layer_axis="vit_layers",
+    )
     self.attn_pool = Resampler(cfg)
     self.ln_post = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype)
-    self.proj = self.param("proj", partitioned(nn.initializers.normal(cfg.hidden_size ** -0.5),
-                                               ("resampler_embed", "embed")),
-                           (cfg.hidden_size, cfg.hidden_size), cfg.params_dtype)
+    self.proj = self.param(
+      "proj",
+      partitioned(nn.initializers.normal(cfg.hidden_size**-0.5), ("resampler_embed", "embed")),
+      (cfg.hidden_size, cfg.hidden_size),
+      cfg.params_dtype,
+    )
 
   def trunk(self, pixel_values: Array) -> Array:
     """[N, H, W, 3] -> ViT trunk output [N, (H/p)*(W/p), W] (no final LayerNorm: Qwen has none here)."""
     cfg = self.cfg
     if pixel_values.shape[1] != pixel_values.shape[2] or pixel_values.shape[1] % cfg.patch_size:
-      raise ValueError(f"pixel_values {pixel_values.shape}: need square images, side a multiple of "
-                       f"patch_size {cfg.patch_size} (preprocess to {cfg.image_size}x{cfg.image_size})")
+      raise ValueError(
+        f"pixel_values {pixel_values.shape}: need square images, side a multiple of "
+        f"patch_size {cfg.patch_size} (preprocess to {cfg.image_size}x{cfg.image_size})"
+      )
     x = patchify(pixel_values.astype(cfg.compute_dtype), cfg.patch_size)
     x = self.conv1(x)
     grid = pixel_values.shape[1] // cfg.patch_size

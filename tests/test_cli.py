@@ -1,0 +1,88 @@
+"""The commands a user types: config resolution errors, and the whole demo end to end on a tiny setting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bird_jax.config_util import ConfigError, available_configs, get_config, parse_config_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_config_loads_and_validates():
+  names = available_configs()
+  assert {"cpu_demo", "tpu_v4", "tpu_v5e", "tpu_v5p", "gpu_h100", "gpu_h200"} <= set(names)
+  from bird_jax.model import QwenVLConfig
+
+  for name in names:
+    c = get_config(name)
+    QwenVLConfig(**c.model.to_dict())  # every model block is a valid model config
+    assert c.train.batch_size % c.train.grad_accum == 0, name
+
+
+def test_overrides_are_typed_and_unknown_names_fail_with_one_line():
+  c, name, rest = parse_config_flags(["--config=cpu_demo", "--config.train.steps=7", "--config.train.lr=0.5",
+                                      "--config.data.packing=true", "--config.mesh.shape=(2,-1,1)", "--other"])
+  got = (name, c.train.steps, c.train.lr, c.data.packing, tuple(c.mesh.shape))
+  assert got == ("cpu_demo", 7, 0.5, True, (2, -1, 1))
+  assert rest == ["--other"]
+  with pytest.raises(ConfigError, match="unknown config 'nope'; available: cpu_demo"):
+    parse_config_flags(["--config=nope"])
+  with pytest.raises(ConfigError, match=r"unknown config field 'train\.stepz'.*fields under train: .*steps"):
+    parse_config_flags(["--config=cpu_demo", "--config.train.stepz=3"])
+  with pytest.raises(ConfigError, match="bad value"):
+    parse_config_flags(["--config=cpu_demo", "--config.train.steps=many"])
+
+
+def test_train_command_reports_config_errors_in_one_line(tmp_path):
+  r = run(["-m", "bird_jax.train", "--config=cpu_dem"], cwd=tmp_path)
+  assert r.returncode == 2
+  expected = f"error: unknown config 'cpu_dem'; available: {', '.join(available_configs())}"
+  assert r.stderr.strip().splitlines() == [expected]
+
+
+@pytest.mark.slow
+def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
+  work = tmp_path / "demo"
+  small = ["--config=cpu_demo", f"--config.workdir={work}", "--config.data.phantom_cases=8",
+           "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.eval.max_examples=6",
+           "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24", "--config.train.batch_size=8"]
+  # Run from another directory: config names resolve from the installed package.
+  r = run(["-m", "bird_jax.train", *small, "--config.train.steps=3"], cwd=tmp_path)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert "VG recall@0.5 on held-out cases" in r.stdout and "RO accuracy on held-out cases" in r.stdout
+  summary = json.loads((work / "summary.json").read_text())
+  assert summary["steps"] == 3 and set(summary["eval"]) == {"VG", "RO"}
+  assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+  assert (work / "tfds" / "med_grit" / "generated" / "1.0.0").is_dir()
+  assert (work / "data" / "med_grit_phantom" / "manifest.json").exists()
+  preds = (work / "eval" / "predictions_VG.jsonl").read_text().splitlines()
+  assert len(preds) == 6 and {"id", "question", "annotation", "response"} <= set(json.loads(preds[0]))
+  metrics = json.loads((work / "eval" / "metrics.json").read_text())["results"]
+  assert 0.0 <= metrics["VG"]["mean_official"]["recall@0.5"] <= 1.0
+  losses = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in losses] == [1, 2, 3]
+
+  # Same command with more steps resumes from step 3 instead of starting over.
+  r = run(["-m", "bird_jax.train", *small, "--config.train.steps=5", "--config.eval.at_end=false"], cwd=tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stdout and "at step 3" in r.stdout
+  losses = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in losses] == [1, 2, 3, 4, 5]
+
+  # The eval command restores the newest checkpoint and scores it.
+  r = run(["-m", "bird_jax.eval", "--config=cpu_demo", *small[1:], f"--checkpoint={work / 'checkpoints'}",
+           f"--out={tmp_path / 'ev'}"], cwd=tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "recall@0.5" in r.stdout and (tmp_path / "ev" / "metrics.json").exists()

@@ -145,10 +145,10 @@ def format_comparison(results: dict[str, Any], baselines: dict[str, Any], baseli
   return "\n".join(lines)
 
 
-def evaluate_checkpoint(config, config_name: str, checkpoint: str | Path, *, split: str = "test",
-                        out_dir: Path | None = None) -> dict[str, Any]:
-  """`python -m bird_jax.eval --config=… --checkpoint=…`: restore a training checkpoint (a run's
-  `checkpoints/` folder → newest step, or one step folder inside it) and score config.eval.tasks."""
+def load_checkpoint(config, checkpoint: str | Path):
+  """(model, params, tokenizer, prepared data, mesh, meta) from a training checkpoint: a run's `checkpoints/`
+  folder (→ newest step) or one step folder inside it. The run's data/tokenizer are found (or rebuilt) from
+  config.workdir exactly as training did."""
   import jax
 
   from bird_jax import sharding as shd
@@ -174,8 +174,19 @@ def evaluate_checkpoint(config, config_name: str, checkpoint: str | Path, *, spl
   ckpt = Checkpointer(path)
   state, _, meta = ckpt.restore(target, step)
   ckpt.close()
-  log.info("evaluating %s step %d (%s) on split %r", path, meta["step"], meta.get("config"), split)
+  return QwenVL(model_cfg), state["params"], data.tokenizer, data, mesh, meta
+
+
+def evaluate_checkpoint(config, config_name: str, checkpoint: str | Path, *, split: str = "test",
+                        out_dir: Path | None = None) -> dict[str, Any]:
+  """`python -m bird_jax.eval --config=… --checkpoint=…`: restore a training checkpoint and score
+  config.eval.tasks on `split`."""
+  import jax
+
+  model, params, tokenizer, data, mesh, meta = load_checkpoint(config, checkpoint)
+  log.info("evaluating %s step %d (%s) on split %r", checkpoint, meta["step"], meta.get("config"), split)
   train_source = load_split(str(data.tfds_dir), "train", config.data.builder_config)
+  out_dir = out_dir or Path(config.workdir).absolute() / f"eval_step{meta['step']}"
   with jax.set_mesh(mesh):
-    return evaluate_on_test(QwenVL(model_cfg), state["params"], data.tokenizer, data.tfds_dir, config,
-                            train_source, out_dir=out_dir or workdir / f"eval_step{meta['step']}", split=split)
+    return evaluate_on_test(model, params, tokenizer, data.tfds_dir, config, train_source, out_dir=out_dir,
+                            split=split)

@@ -150,10 +150,9 @@ def create_state_shardings(model_cfg, tx_builder, mesh, rules, seed: int):
 
 
 def load_pretrained_params(config, model_cfg, param_shardings):
-  from bird_jax.model.convert import load_pretrained
+  from bird_jax.model.convert import load_params
 
-  _, params = load_pretrained(config.init_from, dtype=model_cfg.param_dtype, shardings=param_shardings)
-  return params
+  return load_params(config.init_from, model_cfg, shardings=param_shardings)
 
 
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -185,6 +184,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   is_main = jax.process_index() == 0
 
   # ---- data on disk --------------------------------------------------------------------------------
+  if jax.process_count() > 1:  # one writer; the others find everything in place after the barrier
+    from jax.experimental import multihost_utils
+
+    if is_main:
+      prepare(config, workdir)
+    multihost_utils.sync_global_devices("bird_jax.prepare")
   data = prepare(config, workdir)
   model_cfg = model_config_from(config, data.tokenizer)
   model = QwenVL(model_cfg)

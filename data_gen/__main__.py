@@ -3,6 +3,9 @@
 Examples:
   python -m data_gen --source phantom --out data/phantom                 # the demo dataset (~1,950 images)
   python -m data_gen --source phantom --out /tmp/p --num-cases 4 --image-size 64
+  python -m data_gen --source msd --root Task03_Liver --out /tmp/liver --axis axial --ct-window abdomen
+  python -m data_gen --source phantom --out /tmp/pl --llm-base-url https://api.openai.com/v1 --llm-model gpt-4o-mini
+                                                 # LLM-written conversations (key in $OPENAI_API_KEY), see data_gen/llm
   python -m data_gen stats data/phantom                                  # (re)write stats.md + plots
 """
 
@@ -13,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from data_gen.llm.cli import add_llm_args, llm_config_from_args
+from data_gen.llm.cli import summary as llm_summary
+from data_gen.llm.client import LLMError
 from data_gen.pipeline import generate_dataset
 from data_gen.stats import summary_table, write_stats
 
@@ -38,7 +44,15 @@ def _build_source(args: argparse.Namespace):
     if args.modalities:
       kw["modality"] = args.modalities.strip()
     return Src(args.root, **kw)
-  raise SystemExit(f"unknown --source {args.source!r}; use phantom, sam_med2d or png_folder")
+  if args.source in ("msd", "nnunet"):
+    if not args.root:
+      raise SystemExit(f"--source {args.source} needs --root DIR (the folder holding dataset.json)")
+    from data_gen.sources.nifti import MsdSource, NnUNetSource
+
+    Src = MsdSource if args.source == "msd" else NnUNetSource
+    return Src(args.root, axis=args.axis, ct_window=args.ct_window, max_slices_per_case=args.max_slices_per_case,
+               seed=args.seed, modality=args.modalities.strip() if args.modalities else None)
+  raise SystemExit(f"unknown --source {args.source!r}; use phantom, sam_med2d, png_folder, msd or nnunet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,14 +69,20 @@ def main(argv: list[str] | None = None) -> int:
 
   p = argparse.ArgumentParser(prog="python -m data_gen",
                               description="Generate a Med-GRIT-style dataset folder.")
-  p.add_argument("--source", default="phantom", help="phantom | sam_med2d | png_folder")
+  p.add_argument("--source", default="phantom", help="phantom | sam_med2d | png_folder | msd | nnunet")
   p.add_argument("--out", required=True, type=Path, help="output dataset folder (created atomically)")
   p.add_argument("--root", default=None, help="input folder for file-based sources")
   p.add_argument("--num-cases", type=int, default=150, help="phantom: cases per modality")
   p.add_argument("--image-size", type=int, default=128, help="phantom: image side in pixels")
   p.add_argument("--slices-per-case", type=int, default=None, help="phantom: slices per ct/mr case (6)")
   p.add_argument("--modalities", default=None,
-                 help="phantom: comma list (default ct,mr,x); sam_med2d demo / png_folder: the one modality")
+                 help="phantom: comma list (default ct,mr,x); sam_med2d demo / png_folder: the one modality; "
+                      "msd/nnunet: overrides the modality read from dataset.json")
+  p.add_argument("--axis", default="axial", help="msd/nnunet: axial | coronal | sagittal (comma list allowed)")
+  p.add_argument("--ct-window", default="auto",
+                 help="msd/nnunet CT: abdomen | lung | bone | brain | liver | mediastinum | soft_tissue | head_neck "
+                      "| auto (from the dataset name) | LEVEL,WIDTH in HU (write --ct-window=-600,1500)")
+  p.add_argument("--max-slices-per-case", type=int, default=10, help="msd/nnunet: slice cap per volume (0: all)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases per modality for test")
   p.add_argument("--max-turns", type=int, default=3, help="train conversations have 1..N turns")
@@ -70,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--limit", type=int, default=None, help="read at most N samples from the source")
   p.add_argument("--workers", type=int, default=1)
   p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+  add_llm_args(p)
   a = p.parse_args(argv)
 
   try:
     source = _build_source(a)
+    llm = llm_config_from_args(a)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -81,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     m = generate_dataset(source, a.out, seed=a.seed, test_fraction=a.test_fraction, max_turns=a.max_turns,
                          workers=a.workers, limit=a.limit, overwrite=a.overwrite,
-                         records_per_image=a.records_per_image, progress=True)
-  except (FileExistsError, ValueError) as e:
+                         records_per_image=a.records_per_image, progress=True, llm=llm)
+  except (FileExistsError, ValueError, LLMError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   dt = time.time() - t0
@@ -93,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {s:5s} cases={sum(c['cases'][s].values()):5d} images={sum(imgs.values()):6d}  "
           + " ".join(f"{k}:{v}" for k, v in imgs.items()))
   print(summary_table(c["qa"]))
+  if "llm" in m:
+    print(llm_summary(m["llm"]))
   skipped = m["skipped"]["counts"]
   if skipped:
     print("\nskipped:")

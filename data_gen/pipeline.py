@@ -19,7 +19,7 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from data_gen.writer import (
   write_png,
   write_records,
 )
+
+if TYPE_CHECKING:
+  from data_gen.llm.client import LLMConfig
 
 FORMAT_VERSION = "1.0"
 MIN_IMAGE_SIDE = 8
@@ -184,8 +187,10 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
                      max_turns: int = 3, workers: int = 1, limit: int | None = None, overwrite: bool = False,
                      records_per_image: int = 1, min_area: int | None = None,
                      connected_components: bool = True, progress: bool = False,
-                     write_stats: bool = True) -> dict[str, Any]:
+                     write_stats: bool = True, llm: LLMConfig | None = None) -> dict[str, Any]:
   """Builds the dataset folder at out_dir and returns its manifest.
+
+  llm: write the records with an LLM (data_gen.llm; manifest["llm"] gets its stats) instead of templates.
 
   Idempotent: if out_dir already holds a complete folder made with the same parameters, nothing is done and
   its manifest is returned; different parameters or a non-dataset folder raise unless overwrite=True.
@@ -201,6 +206,10 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
     "records_per_image": records_per_image, "min_area": min_area,
     "connected_components": connected_components, "format_version": FORMAT_VERSION,
   }
+  if llm is not None:
+    from data_gen.llm.stage import llm_params
+
+    params["llm"] = llm_params(llm)
   if out.exists() and not overwrite:
     old = read_manifest(out)
     if old is None:
@@ -210,6 +219,8 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
       return old
     raise FileExistsError(f"{out} holds a dataset made with other parameters; pass overwrite=True "
                           "(--overwrite) or choose another output folder")
+  if llm is not None:
+    llm.require_key()
 
   tmp = make_temp_dir(out)
   try:
@@ -217,7 +228,7 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
                               max_turns=max_turns, workers=workers, limit=limit,
                               records_per_image=records_per_image, min_area=min_area,
                               connected_components=connected_components,
-                              progress=progress, write_stats=write_stats)
+                              progress=progress, write_stats=write_stats, llm=llm)
     publish(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -227,7 +238,8 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
 
 def _generate_into(source: Any, tmp: Path, params: dict, *, seed: int, test_fraction: float, max_turns: int,
                    workers: int, limit: int | None, records_per_image: int, min_area: int | None,
-                   connected_components: bool, progress: bool, write_stats: bool) -> dict[str, Any]:
+                   connected_components: bool, progress: bool, write_stats: bool,
+                   llm: LLMConfig | None = None) -> dict[str, Any]:
   skips = SkipReport()
   samples: Iterable[Sample] = iter(source)
   if limit is not None:
@@ -269,8 +281,16 @@ def _generate_into(source: Any, tmp: Path, params: dict, *, seed: int, test_frac
                      + "; ".join(f"{n} {r}" for r, n in skips.counts.most_common(5)))
 
   train_cases, test_cases = split_cases(((f.case_id, f.modality) for f in facts), test_fraction, seed)
-  train, test, qa_counts = build_records(facts, train_cases, test_cases, seed=seed, max_turns=max_turns,
-                                         records_per_image=records_per_image)
+  llm_info = None
+  if llm is None:
+    train, test, qa_counts = build_records(facts, train_cases, test_cases, seed=seed, max_turns=max_turns,
+                                           records_per_image=records_per_image)
+  else:
+    from data_gen.llm.stage import llm_records
+
+    train, test, qa_counts, llm_info = llm_records(facts, llm, train_cases=train_cases, test_cases=test_cases,
+                                                   seed=seed, max_turns=max_turns,
+                                                   records_per_image=records_per_image)
   write_records(tmp / TRAIN_FILE, train)
   for task, recs in test.items():
     write_records(tmp / TEST_FILES[task], recs)
@@ -299,6 +319,8 @@ def _generate_into(source: Any, tmp: Path, params: dict, *, seed: int, test_frac
     "files": {"train": TRAIN_FILE, "test": dict(TEST_FILES), "images": "images/"},
     "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
+  if llm_info is not None:
+    manifest["llm"] = llm_info
   if write_stats:
     from data_gen.stats import write_stats as _write_stats
     manifest["stats"] = _write_stats(tmp)

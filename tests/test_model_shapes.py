@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from bird_jax.model import QwenVL, QwenVLConfig, init_params, param_count, trainable_mask
 from bird_jax.model.qwen import merge_image_features
@@ -29,14 +31,23 @@ def _batch(cfg: QwenVLConfig, seed: int = 0) -> tuple[jnp.ndarray, jnp.ndarray, 
   return ids, px, seg
 
 
+@functools.cache
+def _init_fn(cfg: QwenVLConfig):
+  return jax.jit(lambda k: init_params(cfg, k))
+
+
+@functools.cache
+def _apply_fn(cfg: QwenVLConfig):
+  return jax.jit(lambda p, i, x, s: QwenVL(cfg).apply({"params": p}, i, x, segment_ids=s))
+
+
 def _init(cfg: QwenVLConfig, seed: int) -> dict:
-  return jax.jit(lambda k: init_params(cfg, k))(jax.random.key(seed))
+  return _init_fn(cfg)(jax.random.key(seed))
 
 
 def _apply(cfg: QwenVLConfig, params, ids, px, seg):
-  return jax.jit(lambda p, i, x, s: QwenVL(cfg).apply({"params": p}, i, x, segment_ids=s))(
-    params, ids, px, seg
-  )
+  """Compiled once per config (tests share the tiny model's program)."""
+  return _apply_fn(cfg)(params, ids, px, seg)
 
 
 def _unrolled(params: dict) -> dict:
@@ -85,14 +96,17 @@ def test_scan_and_remat_match_unrolled():
   assert params["llm"]["h"]["ln_1"]["scale"].names == ("layers", "norm")
   assert params["visual"]["resblocks"]["ln_1"]["scale"].names == ("vit_layers", "norm")
   ids, px, seg = _batch(cfg_scan)
-  a = _apply(cfg_scan, params, ids, px, seg)
-  b = _apply(cfg_loop, _unrolled(params), ids, px, seg)
+
+  # one program per variant: outputs (via has_aux) and gradients (remat changes recomputation, not values)
+  def loss(p, c):
+    logits = QwenVL(c).apply({"params": p}, ids, px, segment_ids=seg)
+    return jnp.mean(logits**2), logits
+
+  grad_fn = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+  ga, a = grad_fn(nn.unbox(params), cfg_scan)
+  gb, b = grad_fn(_unrolled(params), cfg_loop)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
-  # gradients agree too (remat changes recomputation, not values)
-  loss = lambda p, c: jnp.mean(QwenVL(c).apply({"params": p}, ids, px, segment_ids=seg) ** 2)
-  ga = _unrolled(jax.jit(jax.grad(loss), static_argnums=1)(nn.unbox(params), cfg_scan))
-  gb = jax.jit(jax.grad(loss), static_argnums=1)(_unrolled(params), cfg_loop)
-  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+  for x, y in zip(jax.tree.leaves(_unrolled(ga)), jax.tree.leaves(gb), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
 
 
@@ -170,3 +184,21 @@ def test_qwen_vl_chat_7b_param_counts():
   assert counts["total"] == 9_656_935_168
   assert counts["vit_trunk"] == 1_842_770_688 and counts["resampler"] == 76_054_528
   assert counts["llm_total"] == 7_721_324_544
+
+
+def test_config_constructors_round_trip():
+  import json
+  from pathlib import Path
+
+  cfg = QwenVLConfig.qwen_vl_chat_7b()
+  assert (cfg.mlp_dim, cfg.vision_mlp_dim, cfg.num_resampler_heads, cfg.grid_size) == (11008, 8192, 32, 32)
+  assert QwenVLConfig.from_hf_config(cfg.to_hf_config()) == cfg
+  assert QwenVLConfig(**dataclasses.asdict(cfg)) == cfg  # what an ml_collections config dict feeds in
+  fixture = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen_vl_tiny_official" / "checkpoint"
+  if fixture.exists():
+    small = QwenVLConfig.from_hf_config(json.loads((fixture / "config.json").read_text()))
+    assert (small.hidden_size, small.num_resampler_heads, small.n_queries, small.vision_mlp_dim) == (128, 1, 256, 315)
+  with pytest.raises(ValueError, match="remat_policy"):
+    QwenVLConfig.tiny(remat_policy="sometimes")
+  with pytest.raises(ValueError, match="lacks key"):
+    QwenVLConfig.from_hf_config({"hidden_size": 8})

@@ -47,7 +47,7 @@ def tiny():
 
 
 def _t(x) -> torch.Tensor:
-  return torch.from_numpy(np.asarray(x, np.float32))
+  return torch.from_numpy(np.array(x, np.float32))
 
 
 @pytest.mark.parametrize(("src", "dst"), [(16, 4), (16, 32), (3, 4), (16, 14), (5, 7), (4, 4)])

@@ -196,6 +196,7 @@ class QwenVLConfig:
         image_size=vis["image_size"],
         n_queries=vis.get("n_queries", 256),
         image_start_id=vis.get("image_start_id", 151857),
+        initializer_range=hf.get("initializer_range", 0.02),
       )
     except KeyError as e:
       raise ValueError(

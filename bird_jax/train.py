@@ -253,6 +253,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   pending = None
   t_train = time.time()
   t_last, tokens_since = time.time(), 0.0
+
+  def report(at_step: int, device_metrics: dict[str, jax.Array]) -> None:
+    nonlocal t_last, tokens_since
+    m = jax.device_get(device_metrics)
+    if not math.isfinite(float(m["loss"])):
+      raise FloatingPointError(f"loss became {m['loss']} at step {at_step}; lower --config.train.lr")
+    tokens_since += float(m["tokens"])
+    record = {"step": at_step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
+    history.append(record)
+    if at_step % tc.log_every == 0 or at_step == 1:
+      dt = time.time() - t_last
+      record.update(step_time_s=dt / max(1, tc.log_every), supervised_tokens_per_s=tokens_since / max(dt, 1e-9))
+      t_last, tokens_since = time.time(), 0.0
+      line = (f"step {at_step:6d}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
+              f"{record['step_time_s'] * 1000:.0f} ms/step  {record['supervised_tokens_per_s']:.0f} target tok/s")
+      if progress.disable:
+        log.info(line)
+      else:
+        progress.write(line)
+    if metrics_file:
+      metrics_file.write(json.dumps(record) + "\n")
+    progress.set_postfix(loss=f"{record['loss']:.3f}")
+
   step = start_step
   stopped_early = False
   with jax.set_mesh(mesh):
@@ -262,26 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
       step += 1
       # Read the previous step's metrics so the host never waits on the step it just dispatched.
       if pending is not None:
-        prev_step, prev = pending
-        prev = jax.device_get(prev)
-        if not math.isfinite(float(prev["loss"])):
-          raise FloatingPointError(f"loss became {prev['loss']} at step {prev_step}; lower --config.train.lr")
-        tokens_since += float(prev["tokens"])
-        record = {"step": prev_step, "loss": float(prev["loss"]), "grad_norm": float(prev["grad_norm"])}
-        history.append(record)
-        if prev_step % tc.log_every == 0 or prev_step == 1:
-          dt = time.time() - t_last
-          record.update(step_time_s=dt / max(1, tc.log_every), supervised_tokens_per_s=tokens_since / max(dt, 1e-9))
-          t_last, tokens_since = time.time(), 0.0
-          line = (f"step {prev_step:6d}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
-                  f"{record['step_time_s'] * 1000:.0f} ms/step  {record['supervised_tokens_per_s']:.0f} target tok/s")
-          if progress.disable:
-            log.info(line)
-          else:
-            progress.write(line)
-        if metrics_file:
-          metrics_file.write(json.dumps(record) + "\n")
-        progress.set_postfix(loss=f"{record['loss']:.3f}")
+        report(*pending)
       pending = (step, metrics)
       progress.update(1)
       out_of_time = tc.max_minutes > 0 and (time.time() - t_train) > tc.max_minutes * 60
@@ -292,8 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
         stopped_early = True
         break
     if pending is not None:
-      prev_step, prev = pending
-      history.append({"step": prev_step, "loss": float(jax.device_get(prev["loss"]))})
+      report(*pending)
   progress.close()
   if metrics_file:
     metrics_file.close()

@@ -559,3 +559,11 @@ def test_missing_key_env_and_retry_exhaustion(tmp_path, monkeypatch):
     assert client.stats.failed == {"retries exhausted (5xx)": 1}
     assert client.stats.retries == {"5xx": 1, "429": 1}
   assert redact(f"Authorization: Bearer {KEY} and {KEY}", KEY) == "Authorization: Bearer *** and ***"
+
+
+def test_without_llm_the_template_path_is_untouched(tmp_path, monkeypatch):
+  monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # no key needed, no LLM code path taken
+  m = generate_dataset(_source(), tmp_path / "t", seed=0, test_fraction=0.34, max_turns=3, records_per_image=2,
+                       write_stats=False)
+  assert "llm" not in m and "llm" not in m["params"]
+  assert not list(tmp_path.glob("*.llm-cache"))

@@ -7,8 +7,6 @@ Used at the end of `bird_jax.train` and by `python -m bird_jax.eval --config=…
 from __future__ import annotations
 
 import logging
-import re
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,25 +21,20 @@ from bird_jax.tokenizer import Tokenizer, chat_prompt_ids
 
 log = logging.getLogger("bird_jax")
 
-_BOX = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
-
-
 def training_baselines(train_source: Any) -> dict[str, str]:
   """The answers a model that ignores the image would give: the mean training box (class-agnostic) for VG
-  and the most frequent training class for RO. Turns are typed by their shape: an answer holding a box is
-  a grounding answer; a question holding a box with a one-phrase answer (no sentence) is a classification."""
-  boxes: list[tuple[int, ...]] = []
-  classes: list[str] = []
+  and the most frequent training class for RO, over the training turns of those tasks."""
+  from data_gen.tasks import classify_turn
+
+  answers: dict[str, list[str]] = {"VG": [], "RO": []}
   for i in range(len(train_source)):
     for user, answer in as_turn_pairs(train_source[i]["conversations"]):
-      found = _BOX.findall(answer)
-      if found:
-        boxes += [tuple(int(v) for v in b) for b in found]
-      elif "<box>" in user and not answer.rstrip().endswith(".") and len(answer.split()) <= 4:
-        classes.append(answer.strip())
+      task = classify_turn(user, answer)
+      if task in answers:
+        answers[task].append(answer)
   return {
-    "VG": M.mean_box_baseline(boxes) if boxes else "",
-    "RO": Counter(classes).most_common(1)[0][0] if classes else "",
+    "VG": M.mean_box_baseline(answers["VG"]) if answers["VG"] else "",
+    "RO": M.most_frequent_class_baseline(answers["RO"]) if answers["RO"] else "",
   }
 
 

@@ -50,8 +50,11 @@ def ensure_raw_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path
   if config.data.phantom_cases:
     kwargs["num_cases"] = config.data.phantom_cases
   log.info("generating the phantom Med-GRIT set in %s", raw)
+  from data_gen.tasks import parse_task_weights
+
+  weights = parse_task_weights(config.data.phantom_task_weights) if config.data.phantom_task_weights else None
   manifest = generate_dataset(PhantomSource(**kwargs), raw, seed=config.seed, max_turns=config.data.phantom_max_turns,
-                              records_per_image=config.data.phantom_records_per_image)
+                              records_per_image=config.data.phantom_records_per_image, task_weights=weights)
   log.info("phantom set: %s", json.dumps(manifest.get("counts", {}).get("records", manifest.get("counts", {}))))
   return raw
 

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.phantom_image_size = 128
   c.data.phantom_max_turns = 3
   c.data.phantom_records_per_image = 1
+  c.data.phantom_task_weights = ""  # e.g. "VG=0.45,RO=0.35,GC=0.1,MII=0.1"; "" -> data_gen's default mix
   c.data.tokenizer = ""  # a checkpoint dir with qwen.tiktoken, or a tokenizer.json; "" -> train a demo BPE
   c.data.tokenizer_vocab_size = 1024
   c.data.seq_len = 2048

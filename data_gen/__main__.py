@@ -21,6 +21,7 @@ from data_gen.llm.cli import summary as llm_summary
 from data_gen.llm.client import LLMError
 from data_gen.pipeline import generate_dataset
 from data_gen.stats import summary_table, write_stats
+from data_gen.tasks import parse_task_weights
 
 
 def _build_source(args: argparse.Namespace):
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases per modality for test")
   p.add_argument("--max-turns", type=int, default=3, help="train conversations have 1..N turns")
   p.add_argument("--records-per-image", type=int, default=1, help="train conversations per image")
+  p.add_argument("--task-weights", default="",
+                 help="how often each task is drawn for a train turn, e.g. VG=0.45,RO=0.35,GC=0.1,MII=0.1")
   p.add_argument("--limit", type=int, default=None, help="read at most N samples from the source")
   p.add_argument("--workers", type=int, default=1)
   p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     source = _build_source(a)
     llm = llm_config_from_args(a)
+    task_weights = parse_task_weights(a.task_weights) if a.task_weights else None
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     m = generate_dataset(source, a.out, seed=a.seed, test_fraction=a.test_fraction, max_turns=a.max_turns,
                          workers=a.workers, limit=a.limit, overwrite=a.overwrite,
-                         records_per_image=a.records_per_image, progress=True, llm=llm)
+                         records_per_image=a.records_per_image, progress=True, llm=llm,
+                         task_weights=task_weights)
   except (FileExistsError, ValueError, LLMError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

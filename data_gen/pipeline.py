@@ -154,7 +154,8 @@ def _checked(samples: Iterable[Sample], skips: SkipReport) -> Iterator[Sample]:
 
 # ---- pass 2: records ----------------------------------------------------------------------------------
 def build_records(facts: list[T.ImageFacts], train_cases: set[str], test_cases: set[str], *, seed: int,
-                  max_turns: int, records_per_image: int) -> tuple[list[dict], dict[str, list[dict]], dict]:
+                  max_turns: int, records_per_image: int, task_weights: dict[str, float] | None = None
+                  ) -> tuple[list[dict], dict[str, list[dict]], dict]:
   """-> (train records, {task: test records}, per-turn task counts {split: {task: {modality: n}}})."""
   train: list[dict] = []
   test: dict[str, list[dict]] = {t: [] for t in T.TASKS}
@@ -164,7 +165,7 @@ def build_records(facts: list[T.ImageFacts], train_cases: set[str], test_cases: 
       for r in range(records_per_image):
         rng = np.random.default_rng(_id_seed(seed, f.image_id, r))
         n = int(rng.integers(1, max_turns + 1))
-        turns, kind = T.conversation(f, n, rng)
+        turns, kind = T.conversation(f, n, rng, task_weights)
         train.append(T.record(f, turns, kind))
         for q, a in turns:
           qa["train"][T.classify_turn(q, a)][f.modality] += 1
@@ -187,8 +188,12 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
                      max_turns: int = 3, workers: int = 1, limit: int | None = None, overwrite: bool = False,
                      records_per_image: int = 1, min_area: int | None = None,
                      connected_components: bool = True, progress: bool = False,
-                     write_stats: bool = True, llm: LLMConfig | None = None) -> dict[str, Any]:
+                     write_stats: bool = True, llm: LLMConfig | None = None,
+                     task_weights: dict[str, float] | None = None) -> dict[str, Any]:
   """Builds the dataset folder at out_dir and returns its manifest.
+
+  task_weights: how often each task is drawn for a training turn (default data_gen.tasks.TASK_WEIGHTS);
+  the one-turn test files always hold every task.
 
   llm: write the records with an LLM (data_gen.llm; manifest["llm"] gets its stats) instead of templates.
 
@@ -206,6 +211,8 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
     "records_per_image": records_per_image, "min_area": min_area,
     "connected_components": connected_components, "format_version": FORMAT_VERSION,
   }
+  if task_weights is not None:
+    params["task_weights"] = dict(sorted(task_weights.items()))
   if llm is not None:
     from data_gen.llm.stage import llm_params
 
@@ -228,7 +235,7 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
                               max_turns=max_turns, workers=workers, limit=limit,
                               records_per_image=records_per_image, min_area=min_area,
                               connected_components=connected_components,
-                              progress=progress, write_stats=write_stats, llm=llm)
+                              progress=progress, write_stats=write_stats, llm=llm, task_weights=task_weights)
     publish(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -239,7 +246,7 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
 def _generate_into(source: Any, tmp: Path, params: dict, *, seed: int, test_fraction: float, max_turns: int,
                    workers: int, limit: int | None, records_per_image: int, min_area: int | None,
                    connected_components: bool, progress: bool, write_stats: bool,
-                   llm: LLMConfig | None = None) -> dict[str, Any]:
+                   llm: LLMConfig | None = None, task_weights: dict[str, float] | None = None) -> dict[str, Any]:
   skips = SkipReport()
   samples: Iterable[Sample] = iter(source)
   if limit is not None:
@@ -284,7 +291,7 @@ def _generate_into(source: Any, tmp: Path, params: dict, *, seed: int, test_frac
   llm_info = None
   if llm is None:
     train, test, qa_counts = build_records(facts, train_cases, test_cases, seed=seed, max_turns=max_turns,
-                                           records_per_image=records_per_image)
+                                           records_per_image=records_per_image, task_weights=task_weights)
   else:
     from data_gen.llm.stage import llm_records
 

@@ -229,16 +229,19 @@ def _pool(facts: ImageFacts) -> dict[str, list[Any]]:
   return {"VG": list(facts.groups()), "RO": list(objs), "GC": list(objs), "MII": [None]}
 
 
-def conversation(facts: ImageFacts, n_turns: int, rng: np.random.Generator) -> tuple[list[list[str]], str]:
-  """A multi-turn conversation of up to n_turns distinct (task, target) pairs; returns (turns, task field)."""
-  pool = _pool(facts)
+def conversation(facts: ImageFacts, n_turns: int, rng: np.random.Generator,
+                 task_weights: dict[str, float] | None = None) -> tuple[list[list[str]], str]:
+  """A multi-turn conversation of up to n_turns distinct (task, target) pairs; returns (turns, task field).
+  Each turn's task is drawn with `task_weights` (default TASK_WEIGHTS) among tasks with targets left."""
+  weights = TASK_WEIGHTS if task_weights is None else task_weights
+  pool = {t: targets for t, targets in _pool(facts).items() if weights.get(t, 0) > 0}
   turns: list[list[str]] = []
   used: list[str] = []
   for _ in range(n_turns):
-    avail = [t for t in TASKS if pool[t]]
+    avail = [t for t in TASKS if pool.get(t)]
     if not avail:
       break
-    p = np.array([TASK_WEIGHTS[t] for t in avail])
+    p = np.array([weights[t] for t in avail])
     task = avail[int(rng.choice(len(avail), p=p / p.sum()))]
     target = pool[task].pop(int(rng.integers(len(pool[task]))))
     turns.append(list(make_qa(task, facts, target, rng)))
@@ -246,6 +249,19 @@ def conversation(facts: ImageFacts, n_turns: int, rng: np.random.Generator) -> t
   turns[0][0] = image_prefix(facts.image_id) + turns[0][0]
   kind = used[0] if len(set(used)) == 1 else "mixed"
   return turns, kind
+
+
+def parse_task_weights(text: str) -> dict[str, float]:
+  """"VG=0.45,RO=0.35,GC=0.1,MII=0.1" -> weights; tasks left out get 0."""
+  weights: dict[str, float] = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    task, sep, value = part.partition("=")
+    if not sep or task.strip().upper() not in TASKS:
+      raise ValueError(f"task weight {part!r}: use TASK=WEIGHT with TASK in {', '.join(TASKS)}")
+    weights[task.strip().upper()] = float(value)
+  if not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+    raise ValueError(f"task weights {text!r} must be non-negative with a positive sum")
+  return weights
 
 
 def one_turn(facts: ImageFacts, task: str, rng: np.random.Generator) -> list[list[str]]:

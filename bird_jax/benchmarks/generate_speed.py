@@ -1,0 +1,226 @@
+"""Decode speed on this machine: our jitted KV-cache `generate` vs transformers' `Qwen2ForCausalLM.generate`.
+
+  python -m bird_jax.benchmarks.generate_speed                        # batch 1 and 16, prompt 64, 64 new
+  python -m bird_jax.benchmarks.generate_speed --batch_sizes=1 --json out.json
+
+Both run the same decoder with the same weights: a random Qwen-VL decoder (default hidden 512, 8 layers,
+8 heads of 64, SwiGLU branches 1408, vocab 32000) is exported to the Qwen-VL checkpoint layout with our
+converter's own tensor mapping and loaded into `Qwen2ForCausalLM` (eager attention, float32) with the
+../shared/reference/qwen_vl.md §5.1 table: c_attn split into q/k/v, w2 -> gate_proj, w1 -> up_proj,
+intermediate = Qwen's / 2. Prompts are text only, equal lengths (no padding), greedy, no stop token, so both
+produce exactly --new_tokens tokens per row, and their tokens are compared (the `match` column).
+
+Timing: every configuration is run once untimed first (ours: that call includes the XLA compile, reported
+as `compile s`), then --repeats timed runs (the fastest is kept). TTFT = a run with 1 new token (prefill + first token;
+ours also runs one wasted decode step there); decode tok/s = batch * (new - 1) / (total - TTFT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _decoder_config(args: argparse.Namespace) -> Any:
+  from bird_jax.model import QwenVLConfig
+
+  # The vision tower is the tests' tiny one: text-only prompts never run it, but the param tree needs it.
+  return QwenVLConfig.tiny(
+    vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+    head_dim=args.hidden // args.heads, intermediate_size=2 * args.mlp, image_start_id=args.vocab - 10,
+    initializer_range=args.init_scale, dtype="float32", param_dtype="float32")
+
+
+def _qwen2_state_dict(cfg: Any, params: Any) -> dict[str, Any]:
+  """Our params -> Qwen-VL checkpoint tensors (convert.checkpoint_entries, the importer's own mapping run
+  backwards) -> Qwen2 names."""
+  import flax.linen as nn
+  import torch
+
+  from bird_jax.model.convert import checkpoint_entries
+
+  flat = nn.unbox(params)
+  hf: dict[str, np.ndarray] = {}
+  for en in checkpoint_entries(cfg):
+    if en.hf_name.startswith("transformer.visual."):
+      continue
+    leaves = []
+    for path, _ in en.targets:
+      node = flat
+      for k in path:
+        node = node[k]
+      leaves.append(np.asarray(node, np.float32))
+    hf[en.hf_name] = en.join(leaves)
+  e = cfg.hidden_size
+  sd = {
+    "model.embed_tokens.weight": hf["transformer.wte.weight"],
+    "model.norm.weight": hf["transformer.ln_f.weight"],
+    "lm_head.weight": hf["lm_head.weight"],
+  }
+  for i in range(cfg.num_layers):
+    t, q = f"transformer.h.{i}.", f"model.layers.{i}."
+    for j, n in enumerate(("q", "k", "v")):  # c_attn rows are contiguous [q | k | v] blocks
+      sd[q + f"self_attn.{n}_proj.weight"] = hf[t + "attn.c_attn.weight"][j * e:(j + 1) * e]
+      sd[q + f"self_attn.{n}_proj.bias"] = hf[t + "attn.c_attn.bias"][j * e:(j + 1) * e]
+    sd[q + "self_attn.o_proj.weight"] = hf[t + "attn.c_proj.weight"]
+    sd[q + "mlp.gate_proj.weight"] = hf[t + "mlp.w2.weight"]  # w2 goes through SiLU: the gate
+    sd[q + "mlp.up_proj.weight"] = hf[t + "mlp.w1.weight"]
+    sd[q + "mlp.down_proj.weight"] = hf[t + "mlp.c_proj.weight"]
+    sd[q + "input_layernorm.weight"] = hf[t + "ln_1.weight"]
+    sd[q + "post_attention_layernorm.weight"] = hf[t + "ln_2.weight"]
+  return {k: torch.from_numpy(np.array(v, np.float32, copy=True)) for k, v in sd.items()}
+
+
+def _hf_model(cfg: Any, params: Any) -> Any:
+  import torch
+  from transformers import Qwen2Config, Qwen2ForCausalLM
+
+  qcfg = Qwen2Config(
+    vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_dim,
+    num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+    rms_norm_eps=cfg.rms_norm_eps, hidden_act="silu",
+    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base}, tie_word_embeddings=False,
+    use_sliding_window=False, attn_implementation="eager", max_position_embeddings=cfg.seq_length,
+    bos_token_id=None, eos_token_id=None, pad_token_id=0)
+  model = Qwen2ForCausalLM(qcfg).eval().to(torch.float32)
+  model.load_state_dict(_qwen2_state_dict(cfg, params), strict=True)
+  return model
+
+
+def _timed(fn, repeats: int) -> tuple[float, float, Any]:
+  """(first-call seconds, fastest of `repeats` further calls, last result). The minimum, not the mean: other
+  processes on the machine only ever add time."""
+  t0 = time.perf_counter()
+  out = fn()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t0)
+  return first, min(times), out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  import jax
+  import torch
+
+  from bird_jax.generate import generate
+  from bird_jax.model import QwenVL, init_params
+
+  cfg = _decoder_config(args)
+  params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(args.seed))
+  model = QwenVL(cfg)
+  hf = _hf_model(cfg, params)
+  n_params = sum(p.numel() for p in hf.parameters())
+  rng = np.random.default_rng(args.seed)
+  n, p = args.new_tokens, args.prompt_len
+
+  def ours(prompts: list[list[int]], new: int) -> list[list[int]]:
+    return generate(model, params, prompts, None, max_new_tokens=new, stop_ids=(), pad_id=0)
+
+  def theirs(prompts: list[list[int]], new: int) -> list[list[int]]:
+    ids = torch.tensor(prompts, dtype=torch.long)
+    with torch.inference_mode():
+      out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:].tolist()
+
+  rows = []
+  for b in args.batch_sizes:
+    prompts = rng.integers(0, cfg.vocab_size - 16, (b, p)).tolist()
+    res: dict[str, Any] = {"batch": b}
+    for name, fn in (("bird_jax", ours), ("transformers", theirs)):
+      first_1, ttft, _ = _timed(lambda fn=fn, pr=prompts: fn(pr, 1), args.repeats)
+      first_n, total, toks = _timed(lambda fn=fn, pr=prompts: fn(pr, n), args.repeats)
+      if any(len(t) != n for t in toks):
+        raise RuntimeError(f"{name} returned {[len(t) for t in toks]} tokens, expected {n} per row")
+      res[name] = {
+        "ttft_ms": 1000 * ttft,
+        "total_s": total,
+        "decode_tok_s": b * (n - 1) / (total - ttft) if total > ttft else float("nan"),
+        "end_to_end_tok_s": b * n / total,
+        # first call minus a warm call: XLA compile for ours, one-off eager warm-up for transformers
+        "compile_s": max(0.0, first_1 - ttft) + max(0.0, first_n - total),
+        "tokens": toks,
+      }
+    a, t = res["bird_jax"]["tokens"], res["transformers"]["tokens"]
+    res["rows_matching"] = sum(x == y for x, y in zip(a, t, strict=True))
+    res["match"] = res["rows_matching"] == b
+    res["first_mismatch"] = next((min(i for i, (u, v) in enumerate(zip(x, y, strict=True)) if u != v)
+                                  for x, y in zip(a, t, strict=True) if x != y), None)
+    res["decode_speedup"] = res["bird_jax"]["decode_tok_s"] / res["transformers"]["decode_tok_s"]
+    res["ttft_speedup"] = res["transformers"]["ttft_ms"] / res["bird_jax"]["ttft_ms"]
+    rows.append(res)
+  return {
+    "setup": {
+      "hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads, "head_dim": cfg.head_dim,
+      "swiglu_branch": cfg.mlp_dim, "vocab": cfg.vocab_size, "decoder_params": int(n_params),
+      "prompt_len": p, "new_tokens": n, "repeats": args.repeats, "dtype": "float32",
+      "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+      "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
+      "transformers": __import__("transformers").__version__, "jax_backend": jax.default_backend(),
+    },
+    "rows": rows,
+  }
+
+
+def format_table(result: dict[str, Any]) -> str:
+  s = result["setup"]
+  lines = [
+    f"decoder: hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads x {s['head_dim']}, SwiGLU "
+    f"{s['swiglu_branch']}, vocab {s['vocab']} ({s['decoder_params'] / 1e6:.1f}M params), {s['dtype']}; "
+    f"prompt {s['prompt_len']} tokens, {s['new_tokens']} new, greedy; {s['jax_backend']} "
+    f"({s['cpu_count']} cores, torch threads {s['torch_threads']}); jax {s['jax']}, torch {s['torch']}, "
+    f"transformers {s['transformers']}",
+    "",
+    "| batch | implementation | TTFT (ms) | decode tok/s | total (s) | compile (s) |",
+    "|---:|---|---:|---:|---:|---:|",
+  ]
+  for r in result["rows"]:
+    for name, label in (("bird_jax", "bird_jax generate (jit, KV cache)"),
+                        ("transformers", "transformers Qwen2 generate (torch eager)")):
+      m = r[name]
+      lines.append(f"| {r['batch']} | {label} | {m['ttft_ms']:.1f} | {m['decode_tok_s']:.1f} | "
+                   f"{m['total_s']:.3f} | {m['compile_s']:.1f} |")
+  lines.append("")
+  lines.append("| batch | decode speed-up | TTFT speed-up | same greedy tokens |")
+  lines.append("|---:|---:|---:|---|")
+  for r in result["rows"]:
+    match = "yes" if r["match"] else (f"{r['rows_matching']}/{r['batch']} rows (first difference at token "
+                                      f"{r['first_mismatch']})")
+    lines.append(f"| {r['batch']} | {r['decode_speedup']:.2f}x | {r['ttft_speedup']:.2f}x | {match} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--batch_sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16])
+  ap.add_argument("--prompt_len", type=int, default=64)
+  ap.add_argument("--new_tokens", type=int, default=64)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--hidden", type=int, default=512)
+  ap.add_argument("--layers", type=int, default=8)
+  ap.add_argument("--heads", type=int, default=8)
+  ap.add_argument("--mlp", type=int, default=1408, help="width of each SwiGLU branch (Qwen intermediate / 2)")
+  ap.add_argument("--vocab", type=int, default=32000)
+  ap.add_argument("--init_scale", type=float, default=0.02, help="std of the random weights")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--json", default=None, help="also write the numbers (and tokens) here")
+  args = ap.parse_args(argv)
+  result = run(args)
+  print(format_table(result))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == "__main__":
+  main()

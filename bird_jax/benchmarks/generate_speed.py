@@ -11,8 +11,9 @@ intermediate = Qwen's / 2. Prompts are text only, equal lengths (no padding), gr
 produce exactly --new_tokens tokens per row, and their tokens are compared (the `match` column).
 
 Timing: every configuration is run once untimed first (ours: that call includes the XLA compile, reported
-as `compile s`), then --repeats timed runs (the fastest is kept). TTFT = a run with 1 new token (prefill + first token;
-ours also runs one wasted decode step there); decode tok/s = batch * (new - 1) / (total - TTFT).
+as `compile s`), then --repeats timed runs (the fastest is kept). TTFT = a run with 1 new token (prefill +
+first token; ours also runs one wasted decode step there); decode tok/s = batch * (new - 1) / (total - TTFT).
+transformers runs in a child process that never imports jax (see `torch_worker`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,11 +42,10 @@ def _decoder_config(args: argparse.Namespace) -> Any:
     initializer_range=args.init_scale, dtype="float32", param_dtype="float32")
 
 
-def _qwen2_state_dict(cfg: Any, params: Any) -> dict[str, Any]:
+def _qwen2_state_dict(cfg: Any, params: Any) -> dict[str, np.ndarray]:
   """Our params -> Qwen-VL checkpoint tensors (convert.checkpoint_entries, the importer's own mapping run
-  backwards) -> Qwen2 names."""
+  backwards) -> Qwen2 names (qwen_vl.md §5.1)."""
   import flax.linen as nn
-  import torch
 
   from bird_jax.model.convert import checkpoint_entries
 
@@ -74,23 +78,7 @@ def _qwen2_state_dict(cfg: Any, params: Any) -> dict[str, Any]:
     sd[q + "mlp.down_proj.weight"] = hf[t + "mlp.c_proj.weight"]
     sd[q + "input_layernorm.weight"] = hf[t + "ln_1.weight"]
     sd[q + "post_attention_layernorm.weight"] = hf[t + "ln_2.weight"]
-  return {k: torch.from_numpy(np.array(v, np.float32, copy=True)) for k, v in sd.items()}
-
-
-def _hf_model(cfg: Any, params: Any) -> Any:
-  import torch
-  from transformers import Qwen2Config, Qwen2ForCausalLM
-
-  qcfg = Qwen2Config(
-    vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_dim,
-    num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-    rms_norm_eps=cfg.rms_norm_eps, hidden_act="silu",
-    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base}, tie_word_embeddings=False,
-    use_sliding_window=False, attn_implementation="eager", max_position_embeddings=cfg.seq_length,
-    bos_token_id=None, eos_token_id=None, pad_token_id=0)
-  model = Qwen2ForCausalLM(qcfg).eval().to(torch.float32)
-  model.load_state_dict(_qwen2_state_dict(cfg, params), strict=True)
-  return model
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
 
 
 def _timed(fn, repeats: int) -> tuple[float, float, Any]:
@@ -107,9 +95,57 @@ def _timed(fn, repeats: int) -> tuple[float, float, Any]:
   return first, min(times), out
 
 
+def _measure(fn, prompts: list[list[int]], new: int, repeats: int) -> dict[str, Any]:
+  first_1, ttft, _ = _timed(lambda: fn(prompts, 1), repeats)
+  first_n, total, toks = _timed(lambda: fn(prompts, new), repeats)
+  if any(len(t) != new for t in toks):
+    raise RuntimeError(f"got {[len(t) for t in toks]} tokens per row, expected {new}")
+  b = len(prompts)
+  return {
+    "ttft_ms": 1000 * ttft,
+    "total_s": total,
+    "decode_tok_s": b * (new - 1) / (total - ttft) if total > ttft else float("nan"),
+    "end_to_end_tok_s": b * new / total,
+    # first call minus a warm call: the XLA compile for ours, one-off eager warm-up for transformers
+    "compile_s": max(0.0, first_1 - ttft) + max(0.0, first_n - total),
+    "tokens": toks,
+  }
+
+
+def torch_worker(work: Path) -> None:
+  """transformers side, in its own process: torch's OpenMP pool and XLA's thread pool in one process slow
+  torch down by an order of magnitude on a small machine, which would not be a fair comparison."""
+  import torch
+  from transformers import Qwen2Config, Qwen2ForCausalLM
+
+  job = json.loads((work / "job.json").read_text())
+  c = job["config"]
+  qcfg = Qwen2Config(
+    vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["mlp_dim"],
+    num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"], num_key_value_heads=c["num_heads"],
+    rms_norm_eps=c["rms_norm_eps"], hidden_act="silu",
+    rope_parameters={"rope_type": "default", "rope_theta": c["rope_base"]}, tie_word_embeddings=False,
+    use_sliding_window=False, attn_implementation="eager", max_position_embeddings=c["seq_length"],
+    bos_token_id=None, eos_token_id=None, pad_token_id=0)
+  model = Qwen2ForCausalLM(qcfg).eval().to(torch.float32)
+  with np.load(work / "weights.npz") as w:
+    model.load_state_dict({k: torch.from_numpy(w[k]) for k in w.files}, strict=True)
+
+  def theirs(prompts: list[list[int]], new: int) -> list[list[int]]:
+    ids = torch.tensor(prompts, dtype=torch.long)
+    with torch.inference_mode():
+      out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:].tolist()
+
+  results = {str(len(pr)): _measure(theirs, pr, job["new_tokens"], job["repeats"]) for pr in job["prompts"]}
+  info = {"decoder_params": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads(),
+          "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+  (work / "torch_result.json").write_text(json.dumps({"results": results, "info": info}))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
   import jax
-  import torch
 
   from bird_jax.generate import generate
   from bird_jax.model import QwenVL, init_params
@@ -117,39 +153,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   cfg = _decoder_config(args)
   params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(args.seed))
   model = QwenVL(cfg)
-  hf = _hf_model(cfg, params)
-  n_params = sum(p.numel() for p in hf.parameters())
   rng = np.random.default_rng(args.seed)
-  n, p = args.new_tokens, args.prompt_len
+  n = args.new_tokens
+  all_prompts = [rng.integers(0, cfg.vocab_size - 16, (b, args.prompt_len)).tolist() for b in args.batch_sizes]
 
   def ours(prompts: list[list[int]], new: int) -> list[list[int]]:
     return generate(model, params, prompts, None, max_new_tokens=new, stop_ids=(), pad_id=0)
 
-  def theirs(prompts: list[list[int]], new: int) -> list[list[int]]:
-    ids = torch.tensor(prompts, dtype=torch.long)
-    with torch.inference_mode():
-      out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                        pad_token_id=0, eos_token_id=None)
-    return out[:, ids.shape[1]:].tolist()
-
+  mine = {len(pr): _measure(ours, pr, n, args.repeats) for pr in all_prompts}
+  with tempfile.TemporaryDirectory(prefix="generate_speed_") as tmp:
+    work = Path(tmp)
+    np.savez(work / "weights.npz", **_qwen2_state_dict(cfg, params))
+    c = {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "mlp_dim", "num_layers", "num_heads",
+                                      "rms_norm_eps", "rope_base", "seq_length")}
+    (work / "job.json").write_text(json.dumps({"config": c, "prompts": all_prompts, "new_tokens": n,
+                                               "repeats": args.repeats}))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-m", "bird_jax.benchmarks.generate_speed", "--torch_worker", str(work)],
+                   check=True, env=env)
+    theirs = json.loads((work / "torch_result.json").read_text())
   rows = []
   for b in args.batch_sizes:
-    prompts = rng.integers(0, cfg.vocab_size - 16, (b, p)).tolist()
-    res: dict[str, Any] = {"batch": b}
-    for name, fn in (("bird_jax", ours), ("transformers", theirs)):
-      first_1, ttft, _ = _timed(lambda fn=fn, pr=prompts: fn(pr, 1), args.repeats)
-      first_n, total, toks = _timed(lambda fn=fn, pr=prompts: fn(pr, n), args.repeats)
-      if any(len(t) != n for t in toks):
-        raise RuntimeError(f"{name} returned {[len(t) for t in toks]} tokens, expected {n} per row")
-      res[name] = {
-        "ttft_ms": 1000 * ttft,
-        "total_s": total,
-        "decode_tok_s": b * (n - 1) / (total - ttft) if total > ttft else float("nan"),
-        "end_to_end_tok_s": b * n / total,
-        # first call minus a warm call: XLA compile for ours, one-off eager warm-up for transformers
-        "compile_s": max(0.0, first_1 - ttft) + max(0.0, first_n - total),
-        "tokens": toks,
-      }
+    res: dict[str, Any] = {"batch": b, "bird_jax": mine[b], "transformers": theirs["results"][str(b)]}
     a, t = res["bird_jax"]["tokens"], res["transformers"]["tokens"]
     res["rows_matching"] = sum(x == y for x, y in zip(a, t, strict=True))
     res["match"] = res["rows_matching"] == b
@@ -161,11 +186,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return {
     "setup": {
       "hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads, "head_dim": cfg.head_dim,
-      "swiglu_branch": cfg.mlp_dim, "vocab": cfg.vocab_size, "decoder_params": int(n_params),
-      "prompt_len": p, "new_tokens": n, "repeats": args.repeats, "dtype": "float32",
-      "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-      "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
-      "transformers": __import__("transformers").__version__, "jax_backend": jax.default_backend(),
+      "swiglu_branch": cfg.mlp_dim, "vocab": cfg.vocab_size, "prompt_len": args.prompt_len, "new_tokens": n,
+      "repeats": args.repeats, "dtype": "float32", "cpu": platform.processor() or platform.machine(),
+      "cpu_count": os.cpu_count(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
+      **theirs["info"],
     },
     "rows": rows,
   }
@@ -213,7 +237,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--init_scale", type=float, default=0.02, help="std of the random weights")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--json", default=None, help="also write the numbers (and tokens) here")
+  ap.add_argument("--torch_worker", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
+  if args.torch_worker:
+    torch_worker(Path(args.torch_worker))
+    return {}
   result = run(args)
   print(format_table(result))
   if args.json:

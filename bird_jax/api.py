@@ -113,8 +113,8 @@ class Answer:
   history: list[tuple[str, str]]  # conversation including this turn; pass it to the next ask()
   objects: list[tuple[str | None, IntBox]] = field(default_factory=list)  # (phrase, box) pairs
   question_boxes: list[IntBox] = field(default_factory=list)  # boxes the question referred to (grid)
-  tokens: list[int] = field(default_factory=list)  # generated ids (without the stop id)
-  prompt_ids: list[int] = field(default_factory=list)
+  tokens: list[int] = field(default_factory=list, repr=False)  # generated ids (without the stop id)
+  prompt_ids: list[int] = field(default_factory=list, repr=False)
   image_size: tuple[int, int] | None = None  # (W, H)
 
   def __str__(self) -> str:

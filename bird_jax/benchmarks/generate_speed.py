@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (work / "job.json").write_text(json.dumps({"config": c, "prompts": all_prompts, "new_tokens": n,
                                                "repeats": args.repeats}))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-m", "bird_jax.benchmarks.generate_speed", "--torch_worker", str(work)],
-                   check=True, env=env)
+    subprocess.run([sys.executable, "-m", "bird_jax.benchmarks.generate_speed", "--torch_worker", str(work),
+                    f"--threads={args.threads}"], check=True, env=env)
     theirs = json.loads((work / "torch_result.json").read_text())
   rows = []
   for b in args.batch_sizes:
@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads, "head_dim": cfg.head_dim,
       "swiglu_branch": cfg.mlp_dim, "vocab": cfg.vocab_size, "prompt_len": args.prompt_len, "new_tokens": n,
       "repeats": args.repeats, "dtype": "float32", "cpu": platform.processor() or platform.machine(),
-      "cpu_count": os.cpu_count(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
+      "cpu_count": os.cpu_count(), "threads": args.threads or os.cpu_count(), "jax": jax.__version__,
+      "jax_backend": jax.default_backend(),
       **theirs["info"],
     },
     "rows": rows,
@@ -201,7 +202,8 @@ def format_table(result: dict[str, Any]) -> str:
     f"decoder: hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads x {s['head_dim']}, SwiGLU "
     f"{s['swiglu_branch']}, vocab {s['vocab']} ({s['decoder_params'] / 1e6:.1f}M params), {s['dtype']}; "
     f"prompt {s['prompt_len']} tokens, {s['new_tokens']} new, greedy; {s['jax_backend']} "
-    f"({s['cpu_count']} cores, torch threads {s['torch_threads']}); jax {s['jax']}, torch {s['torch']}, "
+    f"({s['cpu_count']} cores, {s['threads']} thread(s) each, torch threads {s['torch_threads']}); "
+    f"jax {s['jax']}, torch {s['torch']}, "
     f"transformers {s['transformers']}",
     "",
     "| batch | implementation | TTFT (ms) | decode tok/s | total (s) | compile (s) |",
@@ -236,9 +238,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--vocab", type=int, default=32000)
   ap.add_argument("--init_scale", type=float, default=0.02, help="std of the random weights")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--threads", type=int, default=0,
+                  help="CPU threads for both (0 = all cores). 1 gives comparable numbers on a busy machine, where "
+                       "torch's OpenMP pool degrades far more than XLA's when other processes take the cores")
   ap.add_argument("--json", default=None, help="also write the numbers (and tokens) here")
   ap.add_argument("--torch_worker", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
+  if args.threads > 0:  # before jax / torch start their thread pools
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    if args.threads == 1:
+      flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+      os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
   if args.torch_worker:
     torch_worker(Path(args.torch_worker))
     return {}

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bird_jax.model.config import QwenVLConfig
-from bird_jax.model.qwen import ntk_alpha
+from bird_jax.model.qwen import ntk_alpha, pad_cache
 from bird_jax.model.qwen_vl import QwenVL
 
 DEFAULT_LENGTH_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -90,7 +90,7 @@ def _generate_jit(
   positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
   lengths = mask.sum(axis=1)
   alpha = jnp.broadcast_to(ntk_alpha(jnp.max(lengths), cfg.seq_length), (batch,))
-  hidden, (k, v) = model.apply(
+  hidden, kv = model.apply(
     {"params": params},
     ids,
     pixel_values,
@@ -104,8 +104,8 @@ def _generate_jit(
   head = nn.unbox(params["llm"]["lm_head"]).astype(cfg.compute_dtype)
   logits = jnp.einsum("be,ev->bv", hidden[:, -1], head, preferred_element_type=jnp.float32)
 
-  pad_width = ((0, 0), (0, 0), (0, new_bucket), (0, 0), (0, 0))
-  cache = (jnp.pad(k.astype(cfg.compute_dtype), pad_width), jnp.pad(v.astype(cfg.compute_dtype), pad_width))
+  # per-layer (or layer-stacked) k/v with new_bucket empty slots; each step writes its slot in place
+  cache = pad_cache(kv, new_bucket, cfg.compute_dtype)
   kv_mask = jnp.concatenate([mask, jnp.zeros((batch, new_bucket), bool)], axis=1)
   rng, sub = jax.random.split(rng)
   token = _pick(logits, sub, temperature, top_k, top_p)

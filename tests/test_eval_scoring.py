@@ -175,7 +175,11 @@ def test_cli_errors_are_one_line(tmp_path):
   assert p.returncode == 2
   assert p.stderr.strip().count("\n") == 0 and "cannot tell the task" in p.stderr
   p = _run_cli("--checkpoint=/nonexistent")
-  assert p.returncode != 0 and "not wired yet" in p.stderr
+  assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "needs both --config" in p.stderr
+  p = _run_cli("--config=cpu_demo", "--checkpoint=/nonexistent")
+  assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
+  p = _run_cli("--config=cpu_demo", "--config.train.stepz=3", "--checkpoint=/nonexistent")
+  assert p.returncode == 2 and "unknown config field 'train.stepz'" in p.stderr
 
 
 def _decode_images(html: str) -> list[np.ndarray]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,16 +48,40 @@ def _greedy_by_full_forward(cfg, params, prompts, pixels, steps):
   return [s[len(p) :] for s, p in zip(seqs, prompts, strict=True)]
 
 
-def test_kv_cache_greedy_matches_full_forward(tiny):
+@pytest.fixture(scope="module")
+def want6(tiny):
   cfg, params, prompts, pixels = tiny
-  steps = 6
-  want = _greedy_by_full_forward(cfg, params, prompts, pixels, steps)
+  want = _greedy_by_full_forward(cfg, params, prompts, pixels, 6)
   assert len({tuple(w) for w in want}) > 1 and any(len(set(w)) > 1 for w in want)  # non-degenerate
-  got = generate(QwenVL(cfg), params, prompts, pixels, max_new_tokens=steps, pad_id=0)
-  assert got == want
+  return want
+
+
+def test_kv_cache_greedy_matches_full_forward(tiny, want6):
+  cfg, params, prompts, pixels = tiny
+  got = generate(QwenVL(cfg), params, prompts, pixels, max_new_tokens=6, pad_id=0)
+  assert got == want6
   # a row's output does not depend on the batch it is in (padding/positions handled per row)
-  alone = generate(QwenVL(cfg), params, prompts[1:2], pixels[1:2], max_new_tokens=steps, pad_id=0)
-  assert alone == want[1:2]
+  alone = generate(QwenVL(cfg), params, prompts[1:2], pixels[1:2], max_new_tokens=6, pad_id=0)
+  assert alone == want6[1:2]
+
+
+def _stacked(params: dict) -> dict:
+  """Unrolled param tree -> scan_layers names (h_i/x -> h/x with a leading layer axis)."""
+  params = nn.unbox(params)
+  out = {"visual": dict(params["visual"]), "llm": dict(params["llm"])}
+  for tower, key in (("visual", "resblocks"), ("llm", "h")):
+    n = sum(k.startswith(f"{key}_") for k in out[tower])
+    layers = [out[tower].pop(f"{key}_{i}") for i in range(n)]
+    out[tower][key] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  return out
+
+
+def test_scanned_layers_decode_matches(tiny, want6):
+  """scan_layers: the stacked cache is carried through the layer scan (and updated in place); same tokens."""
+  cfg, params, prompts, pixels = tiny
+  cfg_scan = dataclasses.replace(cfg, scan_layers=True, remat_policy="full")
+  got = generate(QwenVL(cfg_scan), _stacked(params), prompts, pixels, max_new_tokens=6, pad_id=0)
+  assert got == want6
 
 
 def test_stop_ids_end_rows_independently(tiny):

@@ -88,19 +88,24 @@ def stack_blocks(
 def run_blocks(
   blocks: nn.Module | Sequence[nn.Module], cfg: QwenVLConfig, x: Array, *args, per_layer: Sequence[bool] = ()
 ) -> tuple[Array, object]:
-  """Runs stack_blocks' output. per_layer[i] says args[i] is stacked over layers (leading axis)."""
+  """Runs stack_blocks' output -> (x, per-layer outputs).
+
+  Scanned: args go to the scan as they are (per-layer ones stacked on a leading axis, in_axes=0); the
+  outputs come back stacked. Unrolled: per_layer[i] says args[i] holds one entry per block (a sequence, e.g.
+  a KV cache kept as a tuple of per-layer (k, v)), or is None; the outputs come back as a tuple with one
+  entry per block (None when no block returns anything). Nothing is sliced out of or stacked into big arrays,
+  so a decode step that threads per-layer caches through here copies no cache.
+  """
   if not isinstance(blocks, (list, tuple)):
     return blocks(x, *args)
   outs = []
   for i, blk in enumerate(blocks):
     layer_args = [
-      jax.tree.map(lambda a, i=i: a[i], arg) if (j < len(per_layer) and per_layer[j]) else arg
-      for j, arg in enumerate(args)
+      arg[i] if (j < len(per_layer) and per_layer[j] and arg is not None) else arg for j, arg in enumerate(args)
     ]
     x, out = blk(x, *layer_args)
     outs.append(out)
-  stacked = None if all(o is None for o in outs) else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-  return x, stacked
+  return x, (None if all(o is None for o in outs) else tuple(outs))
 
 
 class RMSNorm(nn.Module):
@@ -224,6 +229,20 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, dtype: jnp.dtype
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype))
+
+
+def cache_attention(q: Array, k: Array, v: Array, mask: Array, dtype: jnp.dtype) -> Array:
+  """`attention` against a KV cache in its stored layout: q [B,Lq,H,D], k [B*H,D,S], v [B*H,S,D], mask
+  broadcastable to [B,H,Lq,S] -> [B,Lq,H,D]. Same math; both products read the cache as stored (one batch
+  axis, the contracted axis where a plain matmul wants it), so only the small q and output are transposed."""
+  b, lq, h, d = q.shape
+  scale = 1.0 / np.sqrt(d).astype(np.float32)
+  qn = q.transpose(0, 2, 1, 3).reshape(b * h, lq, d)
+  scores = jnp.einsum("nqd,ndk->nqk", qn, k.astype(dtype), preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask, scores.reshape(b, h, lq, -1), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b * h, lq, -1)
+  out = jnp.einsum("nqk,nkd->nqd", probs, v.astype(dtype))
+  return out.reshape(b, h, lq, d).transpose(0, 2, 1, 3)
 
 
 # ---------------------------------------------------------------------------------------- RoPE

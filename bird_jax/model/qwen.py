@@ -30,6 +30,7 @@ from bird_jax.model.layers import (
   RMSNorm,
   apply_rope,
   attention,
+  cache_attention,
   constrain,
   dense_general,
   partitioned,
@@ -39,7 +40,34 @@ from bird_jax.model.layers import (
 )
 
 Array = jax.Array
-KVCache = tuple[Array, Array]  # k, v: [layers, B, S, H, D]
+# A layer's cache in the layouts decode attention reads without a transpose: k [B*H, D, S], v [B*H, S, D]
+# (row b*H + h; slot s = token s). Batch and heads are one axis so that no size-1 axis (batch 1) sits between
+# the cache and the attention matmuls: XLA would then duplicate the in-place update into a reshaped copy.
+# The model's cache: a tuple of per-layer (k, v) (unrolled layers), or one (k, v) stacked on a leading layer
+# axis (scan_layers).
+LayerKV = tuple[Array, Array]
+KVCache = tuple[LayerKV, ...] | LayerKV
+
+
+def _stacked(cache: KVCache) -> bool:
+  return not isinstance(cache[0], (tuple, list))
+
+
+def cache_slots(cache: KVCache) -> int:
+  """Number of slots S of a cache in either form."""
+  return (cache if _stacked(cache) else cache[0])[1].shape[-2]
+
+
+def pad_cache(cache: KVCache, extra: int, dtype: jnp.dtype | None = None) -> KVCache:
+  """Append `extra` empty slots to a prefill's k/v (return_kv=True), optionally casting, giving a cache."""
+
+  def pad(a: Array, axis: int) -> Array:
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(a if dtype is None else a.astype(dtype), widths)
+
+  pair = lambda kv: (pad(kv[0], -1), pad(kv[1], -2))
+  return pair(cache) if _stacked(cache) else tuple(pair(kv) for kv in cache)
 
 
 class QwenAttention(nn.Module):
@@ -53,9 +81,13 @@ class QwenAttention(nn.Module):
     mask: Array,
     inv_freq: Array,
     logn: Array | None,
-    cache: KVCache | None,
+    cache: LayerKV | None,
     cache_index: Array | None,
-  ) -> tuple[Array, KVCache]:
+    layer: Array | None = None,
+  ) -> tuple[Array, LayerKV]:
+    """cache None: k/v of x come back in cache layout (k [B*H, D, L], v [B*H, L, D]). Else decode: this
+    step's k/v are written at slot cache_index of cache (one layer's, or stacked over layers with `layer` the
+    index into it), in place, and attention runs over the whole cache; the updated cache comes back."""
     cfg = self.cfg
     names = ("embed", "heads", "kv")
     proj = lambda n: dense_general((cfg.num_heads, cfg.head_dim), names, cfg, name=n)(x)
@@ -65,15 +97,27 @@ class QwenAttention(nn.Module):
     if logn is not None:  # inference-only query scaling beyond seq_length (Qwen v1); cached k/v unscaled
       q = q * logn[:, :, None, None].astype(q.dtype)
     q, k, v = (constrain(t, BLHD) for t in (q, k, v))
+    # [B, L, H, D] -> cache layout; only the new tokens are transposed, never the cache
+    bh = x.shape[0] * cfg.num_heads
+    k_layout = lambda t: t.transpose(0, 2, 3, 1).reshape(bh, cfg.head_dim, -1)
+    v_layout = lambda t: t.transpose(0, 2, 1, 3).reshape(bh, -1, cfg.head_dim)
     if cache is None:
-      new_kv = (k, v)
-    else:  # decode: write this step's k/v at cache_index and attend over the whole cache
+      new_kv = (k_layout(k), v_layout(v))
+      out = attention(q, k, v, mask[:, None], cfg.compute_dtype)
+    else:
       ck, cv = cache
-      ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-      cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+      zero = jnp.zeros((), jnp.int32)
+      idx = jnp.asarray(cache_index, jnp.int32)
+      k_start, v_start = (zero, zero, idx), (zero, idx, zero)
+      lead = () if layer is None else (jnp.asarray(layer, jnp.int32),)
+      upd = lambda t, c: t.reshape((1,) * len(lead) + t.shape).astype(c.dtype)
+      ck = jax.lax.dynamic_update_slice(ck, upd(k_layout(k), ck), lead + k_start)
+      cv = jax.lax.dynamic_update_slice(cv, upd(v_layout(v), cv), lead + v_start)
       new_kv = (ck, cv)
-      k, v = ck.astype(cfg.compute_dtype), cv.astype(cfg.compute_dtype)
-    out = attention(q, k, v, mask[:, None], cfg.compute_dtype)
+      if layer is not None:  # this layer's slice of the stacked cache (XLA on CPU copies it for the matmuls)
+        ck = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+        cv = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+      out = cache_attention(q, ck, cv, mask[:, None], cfg.compute_dtype)
     out = dense_general(
       cfg.hidden_size, ("heads", "kv", "embed"), cfg, axis=(-2, -1), use_bias=False, name="c_proj"
     )(out)
@@ -96,26 +140,33 @@ class QwenBlock(nn.Module):
   cfg: QwenVLConfig
   # Static: prefill/training return this layer's k/v only when asked, so training does not keep them alive.
   return_kv: bool = False
+  # Static, scanned decode: the carry is (x, stacked cache, layer index); the block updates its layer's
+  # slice of the stacked cache in place and passes the cache on, so the scan neither slices the cache into
+  # per-layer inputs nor stacks per-layer outputs back (each a full copy of the cache per token).
+  carry_cache: bool = False
 
   @nn.compact
   def __call__(
     self,
-    x: Array,
+    x: Array | tuple[Array, LayerKV, Array],
     positions: Array,
     mask: Array,
     inv_freq: Array,
     logn: Array | None,
-    cache: KVCache | None,
+    cache: LayerKV | None,
     cache_index: Array | None,
-  ) -> tuple[Array, KVCache | None]:
+  ) -> tuple[Array | tuple[Array, LayerKV, Array], LayerKV | None]:
     cfg = self.cfg
+    layer = None
+    if self.carry_cache:
+      x, cache, layer = x
     norm = lambda n: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name=n)
-    h, kv = QwenAttention(cfg, name="attn")(
-      norm("ln_1")(x), positions, mask, inv_freq, logn, cache, cache_index
-    )
+    h, kv = QwenAttention(cfg, name="attn")(norm("ln_1")(x), positions, mask, inv_freq, logn, cache, cache_index, layer)
     x = x + h
     x = x + QwenMLP(cfg, name="mlp")(norm("ln_2")(x))
     x = constrain(x, BLE)
+    if self.carry_cache:
+      return (x, kv, layer + 1), None
     return x, (kv if (self.return_kv or cache is not None) else None)
 
 
@@ -176,9 +227,12 @@ class QwenLM(nn.Module):
   ) -> Array | tuple[Array, KVCache]:
     """Modes:
       * training / plain forward: cache=None, return_kv=False -> logits [B, L, V] float32.
-      * prefill: return_kv=True -> (logits, (k, v)) with k/v [layers, B, L, H, D] (pad them into a cache).
-      * decode: cache=(k, v) [layers, B, S, H, D], cache_index (scalar int: slot of input_ids[:, 0]),
+      * prefill: return_kv=True -> (logits, kv): kv = tuple of per-layer (k [B*H, D, L], v [B*H, L, D])
+        (unrolled layers) or that pair stacked on a leading layer axis (scan_layers). `pad_cache` makes a
+        cache of it.
+      * decode: cache = that structure with S slots, cache_index (scalar int: slot of input_ids[:, 0]),
         kv_mask [B, S] bool (valid cache slots, must include the slots written now) -> (logits, new cache).
+        Only this step's slots are written (in place under jit / in a while_loop carry).
     positions default to arange(L) (+ cache_index). segment_ids [B, L]: 0 = padding, equal ids attend
     causally; ignored in decode mode (kv_mask decides). inference=True enables Qwen's logn scaling (and,
     with rope_alpha [B] from `ntk_alpha`, dynamic NTK); both are no-ops up to cfg.seq_length tokens.
@@ -208,7 +262,7 @@ class QwenLM(nn.Module):
     else:
       if kv_mask is None or cache_index is None:
         raise ValueError("QwenLM decode mode needs cache_index and kv_mask")
-      slots = jnp.arange(cache[0].shape[2], dtype=jnp.int32)
+      slots = jnp.arange(cache_slots(cache), dtype=jnp.int32)
       q_slots = cache_index + jnp.arange(length, dtype=jnp.int32)
       mask = (slots[None, None, :] <= q_slots[None, :, None]) & kv_mask[:, None, :]
 
@@ -222,27 +276,34 @@ class QwenLM(nn.Module):
       p1 = (positions + 1).astype(jnp.float32)
       logn = jnp.where(p1 > cfg.seq_length, jnp.log(p1) / math.log(cfg.seq_length), 1.0)
 
+    carry_cache = cfg.scan_layers and cache is not None
     blocks = stack_blocks(
       QwenBlock,
       cfg,
       cfg.remat_policy,
       cfg.num_layers,
-      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+      in_axes=(nn.broadcast,) * 4 + ((nn.broadcast if carry_cache else 0), nn.broadcast),
       name="h",
       return_kv=return_kv,
+      carry_cache=carry_cache,
     )
-    x, kv = run_blocks(
-      blocks,
-      cfg,
-      x,
-      positions,
-      mask,
-      inv_freq,
-      logn,
-      cache,
-      cache_index,
-      per_layer=(False, False, False, False, True, False),
-    )
+    if carry_cache:
+      (x, kv, _), _ = blocks(
+        (x, cache, jnp.zeros((), jnp.int32)), positions, mask, inv_freq, logn, None, cache_index
+      )
+    else:
+      x, kv = run_blocks(
+        blocks,
+        cfg,
+        x,
+        positions,
+        mask,
+        inv_freq,
+        logn,
+        cache,
+        cache_index,
+        per_layer=(False, False, False, False, True, False),
+      )
 
     x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name="ln_f")(x)
     if return_hidden:

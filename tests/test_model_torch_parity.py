@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 from bird_jax.model import QwenVL, QwenVLConfig, encode_images, init_params  # noqa: E402
 from bird_jax.model.convert import to_hf_state_dict  # noqa: E402
 from bird_jax.model.layers import interpolate_pos_table, sincos_2d_table  # noqa: E402
+from bird_jax.model.qwen2_reference import qwen2_config_kwargs, qwen2_state_dict  # noqa: E402
 from bird_jax.model.vit import VisionTower  # noqa: E402
 
 torch = pytest.importorskip("torch")
@@ -169,42 +170,9 @@ def test_decoder_matches_qwen2_with_padding_and_positions(tiny):
   from transformers import Qwen2Config, Qwen2ForCausalLM
 
   cfg, params, sd = tiny
-  qcfg = Qwen2Config(
-    vocab_size=cfg.vocab_size,
-    hidden_size=cfg.hidden_size,
-    intermediate_size=cfg.mlp_dim,
-    num_hidden_layers=cfg.num_layers,
-    num_attention_heads=cfg.num_heads,
-    num_key_value_heads=cfg.num_heads,
-    rms_norm_eps=cfg.rms_norm_eps,
-    hidden_act="silu",
-    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
-    tie_word_embeddings=False,
-    use_sliding_window=False,
-    attn_implementation="eager",
-  )
+  qcfg = Qwen2Config(**qwen2_config_kwargs(cfg))
   ref = Qwen2ForCausalLM(qcfg).eval()
-  e = cfg.hidden_size
-  state = {
-    "model.embed_tokens.weight": sd["transformer.wte.weight"],
-    "model.norm.weight": sd["transformer.ln_f.weight"],
-    "lm_head.weight": sd["lm_head.weight"],
-  }
-  for i in range(cfg.num_layers):
-    t, q = f"transformer.h.{i}.", f"model.layers.{i}."
-    for j, n in enumerate(("q", "k", "v")):  # contiguous [q | k | v] blocks
-      state[q + f"self_attn.{n}_proj.weight"] = sd[t + "attn.c_attn.weight"][j * e : (j + 1) * e]
-      state[q + f"self_attn.{n}_proj.bias"] = sd[t + "attn.c_attn.bias"][j * e : (j + 1) * e]
-    state.update(
-      {
-        q + "self_attn.o_proj.weight": sd[t + "attn.c_proj.weight"],
-        q + "mlp.gate_proj.weight": sd[t + "mlp.w2.weight"],
-        q + "mlp.up_proj.weight": sd[t + "mlp.w1.weight"],
-        q + "mlp.down_proj.weight": sd[t + "mlp.c_proj.weight"],
-        q + "input_layernorm.weight": sd[t + "ln_1.weight"],
-        q + "post_attention_layernorm.weight": sd[t + "ln_2.weight"],
-      }
-    )
+  state = qwen2_state_dict(sd, cfg)
   ref.load_state_dict(state, strict=True)
 
   rng = np.random.default_rng(1)

@@ -61,23 +61,9 @@ def _qwen2_state_dict(cfg: Any, params: Any) -> dict[str, np.ndarray]:
         node = node[k]
       leaves.append(np.asarray(node, np.float32))
     hf[en.hf_name] = en.join(leaves)
-  e = cfg.hidden_size
-  sd = {
-    "model.embed_tokens.weight": hf["transformer.wte.weight"],
-    "model.norm.weight": hf["transformer.ln_f.weight"],
-    "lm_head.weight": hf["lm_head.weight"],
-  }
-  for i in range(cfg.num_layers):
-    t, q = f"transformer.h.{i}.", f"model.layers.{i}."
-    for j, n in enumerate(("q", "k", "v")):  # c_attn rows are contiguous [q | k | v] blocks
-      sd[q + f"self_attn.{n}_proj.weight"] = hf[t + "attn.c_attn.weight"][j * e:(j + 1) * e]
-      sd[q + f"self_attn.{n}_proj.bias"] = hf[t + "attn.c_attn.bias"][j * e:(j + 1) * e]
-    sd[q + "self_attn.o_proj.weight"] = hf[t + "attn.c_proj.weight"]
-    sd[q + "mlp.gate_proj.weight"] = hf[t + "mlp.w2.weight"]  # w2 goes through SiLU: the gate
-    sd[q + "mlp.up_proj.weight"] = hf[t + "mlp.w1.weight"]
-    sd[q + "mlp.down_proj.weight"] = hf[t + "mlp.c_proj.weight"]
-    sd[q + "input_layernorm.weight"] = hf[t + "ln_1.weight"]
-    sd[q + "post_attention_layernorm.weight"] = hf[t + "ln_2.weight"]
+  from bird_jax.model.qwen2_reference import qwen2_state_dict
+
+  sd = qwen2_state_dict(hf, cfg)
   return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
 
 
@@ -119,14 +105,7 @@ def torch_worker(work: Path) -> None:
   from transformers import Qwen2Config, Qwen2ForCausalLM
 
   job = json.loads((work / "job.json").read_text())
-  c = job["config"]
-  qcfg = Qwen2Config(
-    vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["mlp_dim"],
-    num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"], num_key_value_heads=c["num_heads"],
-    rms_norm_eps=c["rms_norm_eps"], hidden_act="silu",
-    rope_parameters={"rope_type": "default", "rope_theta": c["rope_base"]}, tie_word_embeddings=False,
-    use_sliding_window=False, attn_implementation="eager", max_position_embeddings=c["seq_length"],
-    bos_token_id=None, eos_token_id=None, pad_token_id=0)
+  qcfg = Qwen2Config(**job["qwen2_config"])
   model = Qwen2ForCausalLM(qcfg).eval().to(torch.float32)
   with np.load(work / "weights.npz") as w:
     model.load_state_dict({k: torch.from_numpy(w[k]) for k in w.files}, strict=True)
@@ -164,9 +143,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   with tempfile.TemporaryDirectory(prefix="generate_speed_") as tmp:
     work = Path(tmp)
     np.savez(work / "weights.npz", **_qwen2_state_dict(cfg, params))
-    c = {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "mlp_dim", "num_layers", "num_heads",
-                                      "rms_norm_eps", "rope_base", "seq_length")}
-    (work / "job.json").write_text(json.dumps({"config": c, "prompts": all_prompts, "new_tokens": n,
+    from bird_jax.model.qwen2_reference import qwen2_config_kwargs
+
+    qwen2 = {**qwen2_config_kwargs(cfg), "max_position_embeddings": cfg.seq_length, "bos_token_id": None,
+             "eos_token_id": None, "pad_token_id": 0}
+    (work / "job.json").write_text(json.dumps({"qwen2_config": qwen2, "prompts": all_prompts, "new_tokens": n,
                                                "repeats": args.repeats}))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-m", "bird_jax.benchmarks.generate_speed", "--torch_worker", str(work),

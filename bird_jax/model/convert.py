@@ -7,8 +7,10 @@
 
 The checkpoint directory holds config.json plus `model.safetensors[.index.json]` shards (or
 `pytorch_model*.bin[.index.json]`, read with torch.load(weights_only=True)). Tensors are read one at a time
-(memory-mapped), converted to the target dtype and, with a mesh or explicit shardings, placed on devices
-right away, so the host never holds more than one tensor (one stacked layer group with scan_layers).
+(safetensors: read into a fresh buffer, not memory-mapped), converted to the target dtype and, with a mesh
+or explicit shardings, placed on devices right away, so the host never holds more than one tensor (one stacked
+layer group with scan_layers) beyond the params: peak host RAM ~1.0-1.1x the model in the target dtype
+(`python -m bird_jax.benchmarks.model_memory --import-ram`).
 
 Layout conversions (../shared/reference/qwen_vl.md §3): nn.Linear (out, in) -> kernel (in, out); the LLM
 c_attn packs contiguous [q | k | v] rows; the ViT in_proj interleaves per head (head-major, [q|k|v] inside
@@ -253,14 +255,26 @@ def _read_safetensors_header(fname: Path) -> tuple[dict[str, Any], int]:
 
 
 def _iter_safetensors(fname: Path) -> Iterator[tuple[str, np.ndarray]]:
+  """Reads each tensor into its own array (not a memory map: pages of a mapped file count in the process's
+  RSS as long as any view into it lives, so an aliased view would keep a whole shard resident)."""
   header, base = _read_safetensors_header(fname)
-  mm = np.memmap(fname, dtype=np.uint8, mode="r")
-  for name, info in header.items():
-    if info["dtype"] not in _ST_DTYPES:
-      raise ValueError(f"{fname}: tensor {name} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    arr = mm[base + start : base + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-    yield name, arr
+  with open(fname, "rb", buffering=0) as fh:
+    for name, info in header.items():
+      if info["dtype"] not in _ST_DTYPES:
+        raise ValueError(f"{fname}: tensor {name} has unsupported dtype {info['dtype']}")
+      start, end = info["data_offsets"]
+      arr = np.empty(info["shape"], _ST_DTYPES[info["dtype"]])
+      if arr.nbytes != end - start:
+        raise ValueError(f"{fname}: tensor {name} has {end - start} bytes, its shape/dtype need {arr.nbytes}")
+      buf = memoryview(arr.reshape(-1).view(np.uint8))
+      fh.seek(base + start)
+      got = 0
+      while got < len(buf):  # read() returns at most ~2 GiB per call on Linux
+        n = fh.readinto(buf[got:])
+        if not n:
+          raise ValueError(f"{fname}: file ends inside tensor {name} (truncated download?)")
+        got += n
+      yield name, arr
 
 
 def _iter_torch_bin(fname: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -298,7 +312,7 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
 
 
 def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray, Path]]:
-  """(name, array (memory-mapped where possible), file) for every tensor of the checkpoint."""
+  """(name, array, file) for every tensor of the checkpoint, one at a time (.bin: memory-mapped views)."""
   for fname in checkpoint_files(path):
     reader = _iter_safetensors if fname.suffix == ".safetensors" else _iter_torch_bin
     for name, arr in reader(fname):

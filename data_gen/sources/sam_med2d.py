@@ -4,7 +4,8 @@ Release layout (dataset_layouts.md 1.1-1.3), `root` = the `SAMed2Dv1/` folder:
   images/<mod>--<dataset>--<case>--<slice>.png
   masks/<mod>--<dataset>--<case>--<slice>--<CCCC>_<III>.png     one binary mask per (class, instance)
   SAMed2D_v1.json                    {"images/<img>.png": ["masks/<mask>.png", ...]}   (optional: else masks/
-                                     is scanned)
+                                     is scanned). ~3.7M keys, several GB: streamed once (_json_stream), so
+                                     the source has no len() and a bad file raises only when reached.
   SAMed2D_v1_class_mapping_id.json   {"<dataset>": {"<class name>": "<CCCC>"}} (or the flat {"name": "CCCC"})
   Class id 0000 is a real class. `union_*` classes are aggregates overlapping atomic masks: skipped.
   The image id is the release stem, so the modality is its prefix (`x_ray--...` -> x).
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from data_gen.sources._io import SkipError, confined, read_image, read_mask
+from data_gen.sources._json_stream import iter_json_object
 from data_gen.sources.base import MODALITIES, Instance, Sample, SkipReport, make_image_id, modality_from_id
 
 RELEASE_INDEX = "SAMed2D_v1.json"
@@ -205,11 +207,9 @@ class SamMed2DSource:
   def _release_index(self) -> Iterator[tuple[str, list[str]]]:
     p = self.index or self.root / RELEASE_INDEX
     if p.is_file():
-      with open(p, encoding="utf-8") as f:
-        data = json.load(f)  # ~3.7M keys for the full release: a few GB of RAM, read once
-      if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a JSON object image -> [masks]")
-      for img, masks in data.items():
+      # ~3.7M keys (several GB) for the full release: streamed member by member in one pass, never held whole.
+      # A malformed file raises (JsonStreamError, a ValueError: file + byte offset) when the reader reaches it.
+      for img, masks in iter_json_object(p):
         yield str(img), [str(m) for m in (masks if isinstance(masks, list) else [masks])]
       return
     groups: dict[str, list[str]] = {}

@@ -152,6 +152,14 @@ def _checked(samples: Iterable[Sample], skips: SkipReport) -> Iterator[Sample]:
     yield s
 
 
+def template_conversation(f: T.ImageFacts, seed: int, record: int, max_turns: int,
+                          task_weights: dict[str, float] | None = None) -> tuple[list[list[str]], str]:
+  """The templated training conversation number `record` of an image: 1..max_turns turns, its own seeded stream."""
+  rng = np.random.default_rng(_id_seed(seed, f.image_id, record))
+  n = int(rng.integers(1, max_turns + 1))
+  return T.conversation(f, n, rng, task_weights)
+
+
 # ---- pass 2: records ----------------------------------------------------------------------------------
 def build_records(facts: list[T.ImageFacts], train_cases: set[str], test_cases: set[str], *, seed: int,
                   max_turns: int, records_per_image: int, task_weights: dict[str, float] | None = None
@@ -163,9 +171,7 @@ def build_records(facts: list[T.ImageFacts], train_cases: set[str], test_cases: 
   for f in facts:
     if f.case_id in train_cases:
       for r in range(records_per_image):
-        rng = np.random.default_rng(_id_seed(seed, f.image_id, r))
-        n = int(rng.integers(1, max_turns + 1))
-        turns, kind = T.conversation(f, n, rng, task_weights)
+        turns, kind = template_conversation(f, seed, r, max_turns, task_weights)
         train.append(T.record(f, turns, kind))
         for q, a in turns:
           qa["train"][T.classify_turn(q, a)][f.modality] += 1

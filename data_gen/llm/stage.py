@@ -157,9 +157,9 @@ def llm_records(facts_list: list[T.ImageFacts], client: LLMClient | LLMConfig, *
       for r in range(records_per_image):
         turns = got["conversations"].get((f.image_id, r))
         if turns is None:
-          rng = np.random.default_rng(_id_seed(seed, f.image_id, r))
-          n = int(rng.integers(1, max_turns + 1))
-          turns, kind = T.conversation(f, n, rng)
+          from data_gen.pipeline import template_conversation
+
+          turns, kind = template_conversation(f, seed, r, max_turns)
           stats.fallback["train conversation"] += 1
         else:
           turns = [list(t) for t in turns]

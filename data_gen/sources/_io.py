@@ -71,3 +71,20 @@ def read_mask(path: Path) -> np.ndarray:
   if arr.ndim == 3:
     arr = arr[..., 0]
   return arr > 0
+
+
+def read_instance_mask(path: Path, where: str, image_shape: tuple[int, int], skips) -> np.ndarray | None:
+  """A mask for an image of `image_shape`, or None with the reason counted in `skips` (a SkipReport):
+  unreadable or missing file, size mismatch, empty mask."""
+  try:
+    mask = read_mask(path)
+  except SkipError as e:
+    skips.add(where, e.reason, e.detail)
+    return None
+  if mask.shape != tuple(image_shape):
+    skips.add(where, "mask size mismatch", f"mask {mask.shape} vs image {tuple(image_shape)}")
+    return None
+  if not mask.any():
+    skips.add(where, "empty mask", "")
+    return None
+  return mask

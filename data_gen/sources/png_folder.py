@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from data_gen.sources._io import SkipError, read_image, read_mask
+from data_gen.sources._io import SkipError, read_image, read_instance_mask
 from data_gen.sources.base import (
   MODALITIES,
   MODALITY_PREFIX,
@@ -106,17 +106,8 @@ class PngFolderSource:
     mdir = self.root / "masks" / stem
     if mdir.is_dir():
       for mp in sorted(mdir.glob("*.png")):
-        where = f"masks/{stem}/{mp.name}"
-        try:
-          mask = read_mask(mp)
-        except SkipError as e:
-          self.skips.add(where, e.reason, e.detail)
-          continue
-        if mask.shape != (h, w):
-          self.skips.add(where, "mask size mismatch", f"mask {mask.shape} vs image {(h, w)}")
-          continue
-        if not mask.any():
-          self.skips.add(where, "empty mask", "")
+        mask = read_instance_mask(mp, f"masks/{stem}/{mp.name}", (h, w), self.skips)
+        if mask is None:
           continue
         label, _, inst = mp.stem.rpartition("_")
         out.append(Instance(label=label if label and inst.isdigit() else mp.stem, mask=mask))

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from data_gen.sources._io import SkipError, confined, read_image, read_mask
+from data_gen.sources._io import SkipError, confined, read_image, read_instance_mask
 from data_gen.sources._json_stream import iter_json_object
 from data_gen.sources.base import MODALITIES, Instance, Sample, SkipReport, make_image_id, modality_from_id
 
@@ -113,18 +113,10 @@ class SamMed2DSource:
     for mpath, label, mwhere in masks:
       if mpath is None:
         continue
-      try:
-        mask = read_mask(mpath)
-      except SkipError as e:
-        self.skips.add(mwhere, e.reason, e.detail)
-        continue
-      if mask.shape != (h, w):
-        self.skips.add(mwhere, "mask size mismatch", f"mask {mask.shape} vs image {(h, w)}")
+      mask = read_instance_mask(mpath, mwhere, (h, w), self.skips)
+      if mask is None:
         continue
       area = int(mask.sum())
-      if area == 0:
-        self.skips.add(mwhere, "empty mask", "")
-        continue
       if area > self.max_mask_fraction * h * w:
         self.skips.add(mwhere, "mask covers nearly the whole image", f"{area / (h * w):.0%} (inverted?)")
         continue

@@ -149,10 +149,16 @@ def create_state_shardings(model_cfg, tx_builder, mesh, rules, seed: int):
   return tx, init_state, abstract_state, state_shardings
 
 
-def load_pretrained_params(config, model_cfg, param_shardings):
+def fresh_state(init_from: str, model_cfg, tx: optax.GradientTransformation, init_state, state_shardings):
+  """Step-0 state in its target shardings: the Hugging Face checkpoint's weights when `init_from` is set
+  (loaded tensor by tensor straight into the shardings, never random-initialised first), else random."""
+  if not init_from:
+    return jax.jit(init_state, out_shardings=state_shardings)()
   from bird_jax.model.convert import load_params
 
-  return load_params(config.init_from, model_cfg, shardings=param_shardings)
+  params = load_params(init_from, model_cfg, shardings=state_shardings["params"])
+  return jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
+                 out_shardings=state_shardings, donate_argnums=(0,))(params)
 
 
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -221,11 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
       state, data_state, _ = ckpt.restore(target, expect_meta={k: meta[k] for k in ("scan_layers",)})
       log.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     else:
-      state = jax.jit(init_state, out_shardings=state_shardings)()
-      if config.init_from:
-        params = load_pretrained_params(config, model_cfg, state_shardings["params"])
-        state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
-                        out_shardings=state_shardings)(params)
+      state = fresh_state(config.init_from, model_cfg, tx, init_state, state_shardings)
   start_step = int(state["step"])
 
   # ---- input ---------------------------------------------------------------------------------------
@@ -242,9 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
     batches.set_state(data_state)
 
   # ---- train loop ----------------------------------------------------------------------------------
-  batch_shardings = None
+  # Batches arrive as global arrays already laid out by `to_global`; jit takes their sharding as given.
   step_fn = jax.jit(make_train_step(model, tx, tc.grad_accum), donate_argnums=(0,),
-                    in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None))
+                    in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
   history: list[dict[str, float]] = []
   metrics_file = open(workdir / "metrics.jsonl", "a", buffering=1) if is_main else None
   # A live bar on terminals; logs and CI get the step lines only.

@@ -145,3 +145,24 @@ def test_scan_layers_and_remat_train_the_same_as_unrolled():
   # Different parameter layouts draw different random inits; both must at least be finite and learning-ready.
   assert np.isfinite(l_a[0]) and np.isfinite(l_b[0])
   assert jnp.abs(l_a[0] - l_b[0]) < 1.0
+
+
+def test_init_from_a_hugging_face_checkpoint_starts_from_its_weights(fixtures_dir):
+  from bird_jax.model.convert import load_pretrained
+  from bird_jax.train import fresh_state, model_config_from
+  from configs import _base
+
+  config = _base.get_config()
+  config.init_from = str(fixtures_dir / "qwen_vl_tiny_official" / "checkpoint")
+  model_cfg = model_config_from(config, tokenizer=None)
+  assert (model_cfg.hidden_size, model_cfg.num_layers, model_cfg.vocab_size) == (128, 2, 151936)
+  mesh = shd.make_mesh((1, -1, 1), jax.devices()[:2])
+  tx, init_state, _, shardings = create_state_shardings(
+    model_cfg, lambda p: build_optimizer(train_config(), p, 10), mesh, shd.DEFAULT_RULES, seed=0)
+  with jax.set_mesh(mesh):
+    state = fresh_state(config.init_from, model_cfg, tx, init_state, shardings)
+  _, want = load_pretrained(config.init_from)
+  assert int(state["step"]) == 0
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert all(float(jnp.abs(m).max()) == 0.0 for m in jax.tree.leaves(state["opt_state"]) if m.ndim >= 2)

@@ -31,6 +31,9 @@ def get_config():
     hidden_size=128, num_layers=4, num_heads=4, head_dim=32, intermediate_size=512,
     vision_width=96, vision_layers=4, vision_heads=4, vision_mlp_ratio=4.0,
     patch_size=8, image_size=64, vision_pos_grid=8, n_queries=16, resampler_heads=4,
+    # From scratch, Qwen's init makes the resampler a position-blind pooling; "local" starts each query on
+    # its own image cell (one object per image, VG only, 600 steps: recall 0.30 vs 0.04-0.09; see README).
+    resampler_init="local",
   ))
   c.mesh.shape = (1, -1, 1)
   c.train.steps = 2000

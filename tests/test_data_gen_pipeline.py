@@ -268,13 +268,17 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path):
 def test_cli_end_to_end(tmp_path):
   out = tmp_path / "cli"
   cmd = [sys.executable, "-m", "data_gen", "--source", "phantom", "--out", str(out), "--num-cases", "3",
-         "--image-size", "48", "--slices-per-case", "2", "--seed", "2", "--workers", "1"]
+         "--image-size", "48", "--slices-per-case", "2", "--objects", "1,1", "--seed", "2", "--workers", "1"]
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
   assert r.returncode == 0, r.stderr
   assert "train" in r.stdout and "| VG |" in r.stdout
   m = json.loads((out / "manifest.json").read_text())
   assert m["params"]["source_params"]["image_size"] == 48 and m["seed"] == 2
+  assert (m["params"]["source_params"]["min_objects"], m["params"]["source_params"]["max_objects"]) == (1, 1)
+  train = json.loads((out / "train.json").read_text())
+  answers = [a for r in train for _, a in r["conversations"]]
+  assert any("<box>" in a for a in answers) and all(a.count("<box>") <= 1 for a in answers)  # one structure each
   assert sum(sum(v.values()) for v in m["counts"]["images"].values()) == 3 * (2 + 2 + 1)
   r2 = subprocess.run(cmd[:-2] + ["--seed", "3"], capture_output=True, text=True, cwd=REPO, env=env,
                       timeout=120)
@@ -282,3 +286,13 @@ def test_cli_end_to_end(tmp_path):
   r3 = subprocess.run([sys.executable, "-m", "data_gen", "stats", str(out)], capture_output=True, text=True,
                       cwd=REPO, env=env, timeout=120)
   assert r3.returncode == 0 and "| MII |" in r3.stdout
+
+
+def test_cli_rejects_a_bad_objects_range(tmp_path, capsys):
+  from data_gen.__main__ import main as cli_main
+
+  for bad, why in (("3", "--objects '3'.*MIN,MAX"), ("3,2", "min_objects <= max_objects")):
+    assert cli_main(["--source", "phantom", "--out", str(tmp_path / "o"), "--objects", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(why, err), err
+  assert not (tmp_path / "o").exists()

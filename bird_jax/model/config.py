@@ -20,6 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "minimal", "dots", "dots_with_no_batch_dims")
+RESAMPLER_INITS = ("qwen", "local")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,12 @@ class QwenVLConfig:
   n_queries: int = 256
   # 0 -> hidden_size // 128 (Qwen's rule: output_dim // 128 heads, at least 1).
   resampler_heads: int = 0
+  # Initialisation of a randomly initialised resampler (loaded checkpoints overwrite it either way):
+  # "qwen": Qwen-VL's own (random queries, normal projections): its cross-attention starts as a near-uniform,
+  #   permutation-invariant pooling, which a from-scratch model needs a long time to break (where is lost).
+  # "local": each query starts as a pooling of the patches around its grid cell (heads from sharp to broad),
+  #   through the frozen sin-cos positions already in the architecture; see resampler.local_attention_kernel.
+  resampler_init: str = "qwen"
   # --- special ids ---
   image_start_id: int = 151857
   # --- numerics / memory ---
@@ -81,6 +88,8 @@ class QwenVLConfig:
         f"QwenVLConfig: hidden_size {self.hidden_size} not divisible by resampler heads "
         f"{self.num_resampler_heads}"
       )
+    if self.resampler_init not in RESAMPLER_INITS:
+      raise ValueError(f"QwenVLConfig.resampler_init={self.resampler_init!r}; use one of {RESAMPLER_INITS}")
     if int(round(self.n_queries**0.5)) ** 2 != self.n_queries:
       raise ValueError(f"QwenVLConfig: n_queries {self.n_queries} must be a square (resampler grid)")
     if self.intermediate_size % 2:

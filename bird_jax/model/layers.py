@@ -128,11 +128,13 @@ class LayerNorm(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   axis_name: str = "norm"
+  scale_init: float = 1.0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
-    scale = self.param("scale", partitioned(nn.initializers.ones, (self.axis_name,)), (d,), self.param_dtype)
+    scale_init = nn.initializers.constant(self.scale_init)
+    scale = self.param("scale", partitioned(scale_init, (self.axis_name,)), (d,), self.param_dtype)
     bias = self.param("bias", partitioned(nn.initializers.zeros, (self.axis_name,)), (d,), self.param_dtype)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -161,13 +163,14 @@ class DenseGeneral(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   init_std: float
+  kernel_init: Initializer | None = None  # None -> normal(init_std)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     in_shape = x.shape[x.ndim - self.n_in :]
     kernel = self.param(
       "kernel",
-      partitioned(nn.initializers.normal(self.init_std), self.names),
+      partitioned(self.kernel_init or nn.initializers.normal(self.init_std), self.names),
       tuple(in_shape) + tuple(self.features),
       self.param_dtype,
     )
@@ -190,6 +193,7 @@ def dense_general(
   use_bias: bool = True,
   name: str | None = None,
   bias_names: Sequence[str | None] | None = None,
+  kernel_init: Initializer | None = None,
 ) -> DenseGeneral:
   """Dense layer whose kernel has logical axis names `names` (input dims then output dims).
 
@@ -210,6 +214,7 @@ def dense_general(
     dtype=cfg.compute_dtype,
     param_dtype=cfg.params_dtype,
     init_std=cfg.initializer_range,
+    kernel_init=kernel_init,
     name=name,
   )
 

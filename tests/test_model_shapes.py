@@ -193,6 +193,11 @@ def test_config_constructors_round_trip():
   cfg = QwenVLConfig.qwen_vl_chat_7b()
   assert (cfg.mlp_dim, cfg.vision_mlp_dim, cfg.num_resampler_heads, cfg.grid_size) == (11008, 8192, 32, 32)
   assert QwenVLConfig.from_hf_config(cfg.to_hf_config()) == cfg
+  # a from-scratch model with non-Qwen sizes (the cpu_demo's) survives export -> --config.init_from
+  demo = QwenVLConfig.tiny(vision_pos_grid=8, n_queries=16, image_size=64, patch_size=8)
+  back = QwenVLConfig.from_hf_config(demo.to_hf_config())
+  assert (back.vision_pos_grid, back.num_resampler_heads) == (8, demo.num_resampler_heads) == (8, 2)
+  assert back == dataclasses.replace(demo, resampler_heads=demo.num_resampler_heads)
   assert QwenVLConfig(**dataclasses.asdict(cfg)) == cfg  # what an ml_collections config dict feeds in
   fixture = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen_vl_tiny_official" / "checkpoint"
   if fixture.exists():

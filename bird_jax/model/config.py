@@ -204,6 +204,8 @@ class QwenVLConfig:
         patch_size=vis["patch_size"],
         image_size=vis["image_size"],
         n_queries=vis.get("n_queries", 256),
+        vision_pos_grid=vis.get("pos_grid", 16),
+        resampler_heads=vis.get("attn_pool_heads", 0),
         image_start_id=vis.get("image_start_id", 151857),
         initializer_range=hf.get("initializer_range", 0.02),
       )
@@ -230,8 +232,13 @@ class QwenVLConfig:
       "patch_size": self.patch_size,
       "width": self.vision_width,
     }
-    if self.n_queries != 256:  # Qwen's code only knows the default; keep non-default sizes round-trippable
+    # Qwen's code only knows the defaults; keep non-default sizes round-trippable
+    if self.n_queries != 256:
       visual["n_queries"] = self.n_queries
+    if self.vision_pos_grid != 16:
+      visual["pos_grid"] = self.vision_pos_grid
+    if self.num_resampler_heads != max(self.hidden_size // 128, 1):
+      visual["attn_pool_heads"] = self.num_resampler_heads
     return {
       "architectures": ["QWenLMHeadModel"],
       "auto_map": {

@@ -86,3 +86,26 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
            f"--out={tmp_path / 'ev'}"], cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "recall@0.5" in r.stdout and (tmp_path / "ev" / "metrics.json").exists()
+
+  # Export the run as a Hugging Face directory: the weights, config and tokenizer `init_from` reads back.
+  out = tmp_path / "hf"
+  r = run(["-m", "bird_jax.export", "--config=cpu_demo", *small[1:], f"--out={out}"], cwd=tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  import dataclasses
+
+  import jax
+  import numpy as np
+
+  from bird_jax.inference import load_checkpoint
+  from bird_jax.model.convert import load_pretrained
+  from bird_jax.tokenizer import load_tokenizer
+
+  config, _, _ = parse_config_flags(small)
+  model, params, tok, *_ = load_checkpoint(config, work / "checkpoints")
+  cfg, exported = load_pretrained(out)
+  assert dataclasses.replace(cfg, resampler_init="local") == model.config  # the init is not a weight
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(exported))
+  text = "<ref>liver</ref><box>(12,345),(678,999)</box>"
+  assert load_tokenizer(out / "tokenizer.json").encode(text) == tok.encode(text)
+  r = run(["-m", "bird_jax.export", "--config=cpu_demo", *small[1:], f"--out={out}"], cwd=tmp_path)
+  assert r.returncode == 2 and "not empty" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -66,6 +66,19 @@ def test_kernel_logits_peak_at_the_query_position_from_sharp_to_broad_heads():
   assert mass[-1] > own.mean()  # even the broadest head prefers its cell over uniform pooling
 
 
+def test_big_grids_keep_one_peak_per_query():
+  # Qwen-VL's own sizes: 16x16 queries over a 32x32 patch grid. Only the highest frequencies would alias.
+  e, heads, grid = 1024, 8, 16
+  kernel = local_attention_kernel(e, heads, grid)
+  pq = sincos_2d_table(e, grid)
+  pk = np.asarray(interpolate_pos_table(jnp.asarray(pq), 32))
+  q, k = np.einsum("qe,ehd->qhd", pq, kernel), np.einsum("ke,ehd->khd", pk, kernel)
+  logits = np.einsum("qd,kd->qk", q[:, 0], k[:, 0])  # the sharpest head
+  ky, kx = np.divmod(logits.argmax(-1), 32)
+  qy, qx = np.divmod(np.arange(grid * grid), grid)
+  assert np.array_equal(ky // 2, qy) and np.array_equal(kx // 2, qx)  # every query peaks inside its own cell
+
+
 def test_unknown_resampler_init_is_a_one_line_error():
   with pytest.raises(ValueError, match="resampler_init='lokal'.*qwen.*local"):
     QwenVLConfig.tiny(resampler_init="lokal")

@@ -32,7 +32,7 @@ def export_run(config, out: str | Path, *, checkpoint: str | Path | None = None,
   if out.exists() and any(out.iterdir()):
     raise FileExistsError(f"{out} is not empty; export into a new folder")
   checkpoint = checkpoint or Path(config.workdir) / "checkpoints"
-  model, params, tokenizer, _, _, meta = load_checkpoint(config, checkpoint)
+  model, params, tokenizer, *_ = load_checkpoint(config, checkpoint)
   files = export_hf(params, model.config, out, dtype=DTYPES[dtype], extra_files_from=config.init_from or None)
   if not config.init_from:
     source = Path(tokenizer.source_path)

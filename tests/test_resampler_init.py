@@ -52,12 +52,17 @@ def test_qwen_init_pools_without_position():
   assert max(ratios) < 2.0  # near-uniform cross-attention: no query prefers its own cell
 
 
-def test_kernel_logits_peak_at_the_query_position_from_sharp_to_broad_heads():
-  e, heads, grid = 128, 4, 4
+def _positional_qk(e: int, heads: int, grid: int, kv_grid: int) -> tuple[np.ndarray, np.ndarray]:
+  """The local kernel applied to the resampler's sin-cos positions: q [grid², heads, d], k [kv_grid², heads, d]."""
   kernel = local_attention_kernel(e, heads, grid)
   pq = sincos_2d_table(e, grid)
-  pk = np.asarray(interpolate_pos_table(jnp.asarray(pq), 8))
-  q, k = np.einsum("qe,ehd->qhd", pq, kernel), np.einsum("ke,ehd->khd", pk, kernel)
+  pk = np.asarray(interpolate_pos_table(jnp.asarray(pq), kv_grid))
+  return np.einsum("qe,ehd->qhd", pq, kernel), np.einsum("ke,ehd->khd", pk, kernel)
+
+
+def test_kernel_logits_peak_at_the_query_position_from_sharp_to_broad_heads():
+  e, heads, grid = 128, 4, 4
+  q, k = _positional_qk(e, heads, grid, 8)
   probs = jax.nn.softmax(np.einsum("qhd,khd->hqk", q, k) / np.sqrt(e // heads), axis=-1)
   own = np.stack([_own_cell(i) for i in range(16)])  # [q, k]
   mass = np.asarray((probs * own[None]).sum(-1).mean(-1))  # per head: weight on the own cell
@@ -68,11 +73,8 @@ def test_kernel_logits_peak_at_the_query_position_from_sharp_to_broad_heads():
 
 def test_big_grids_keep_one_peak_per_query():
   # Qwen-VL's own sizes: 16x16 queries over a 32x32 patch grid. Only the highest frequencies would alias.
-  e, heads, grid = 1024, 8, 16
-  kernel = local_attention_kernel(e, heads, grid)
-  pq = sincos_2d_table(e, grid)
-  pk = np.asarray(interpolate_pos_table(jnp.asarray(pq), 32))
-  q, k = np.einsum("qe,ehd->qhd", pq, kernel), np.einsum("ke,ehd->khd", pk, kernel)
+  grid = 16
+  q, k = _positional_qk(1024, 8, grid, 32)
   logits = np.einsum("qd,kd->qk", q[:, 0], k[:, 0])  # the sharpest head
   ky, kx = np.divmod(logits.argmax(-1), 32)
   qy, qx = np.divmod(np.arange(grid * grid), grid)

@@ -55,10 +55,10 @@ def local_attention_kernel(embed_dim: int, heads: int, query_grid: int) -> np.nd
   """
   d = embed_dim // heads
   n_freq = embed_dim // 4  # per axis, per sin/cos (sincos_2d_table's layout: [sin x | cos x | sin y | cos y])
-  omega = 1.0 / 10000 ** (np.arange(n_freq) / n_freq)
-  resolving = np.flatnonzero(omega * query_grid >= 1.0)
   if d // 4 < 1:
     raise ValueError(f"resampler head_dim {d} is too small for the local init; use fewer heads")
+  omega = 1.0 / 10000 ** (np.arange(n_freq) / n_freq)
+  resolving = np.flatnonzero(omega * query_grid >= 1.0)
   # More than fit in a head (big grids): spread the choice over the band, so low frequencies undo the
   # aliasing of the high ones (a peak every 2*pi/omega cells).
   picks = np.linspace(0, len(resolving) - 1, min(len(resolving), d // 4)).round().astype(int)
@@ -125,8 +125,8 @@ class CrossAttention(nn.Module):
     names = ("resampler_embed", "heads", "kv")
     fixed = None
     if self.local_grid:
-      kernel = lambda: local_attention_kernel(e, self.heads, self.local_grid)
-      fixed = lambda _key, shape, dtype=cfg.params_dtype: jnp.asarray(kernel(), dtype).reshape(shape)
+      grid = self.local_grid
+      fixed = lambda _key, shape, dtype: jnp.asarray(local_attention_kernel(e, self.heads, grid), dtype).reshape(shape)
     proj = lambda n, t, init=None: dense_general((self.heads, d), names, cfg, kernel_init=init, name=n)(t)
     q, k = proj("query", q_in, fixed), proj("key", k_in, fixed)
     out = attention(q, k, proj("value", v_in), None, cfg.compute_dtype)

@@ -157,7 +157,7 @@ def load_checkpoint(config, checkpoint: str | Path):
   if not path.is_dir():
     raise FileNotFoundError(f"checkpoint folder {path} does not exist; pass <workdir>/checkpoints or a step in it")
   workdir = Path(config.workdir).absolute()
-  data = prepare(config, workdir)
+  data = prepare(config, workdir, for_training=False)
   model_cfg = model_config_from(config, data.tokenizer)
   mesh = shd.make_mesh(config.mesh.shape)
   _, _, abstract_state, shardings = create_state_shardings(

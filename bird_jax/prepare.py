@@ -25,6 +25,7 @@ class PreparedData:
   tfds_dir: Path
   tokenizer: Tokenizer
   tokenizer_path: Path
+  curriculum_tfds_dir: Path | None = None  # the first data stage's TFDS dir (data.curriculum), if any
 
 
 def raw_dir_for(config: ml_collections.ConfigDict, workdir: Path) -> Path:
@@ -36,6 +37,26 @@ def raw_dir_for(config: ml_collections.ConfigDict, workdir: Path) -> Path:
                    "or --config.data.source=phantom")
 
 
+def _generate_phantom(raw: Path, config: ml_collections.ConfigDict, *, seed: int, objects: str, max_turns: int,
+                      task_weights: str) -> None:
+  from data_gen.pipeline import generate_dataset
+  from data_gen.sources.phantom import PhantomSource, parse_objects
+  from data_gen.tasks import parse_task_weights
+
+  kwargs = {"image_size": config.data.phantom_image_size, "seed": seed}
+  if config.data.phantom_cases:
+    kwargs["num_cases"] = config.data.phantom_cases
+  if objects:
+    kwargs["min_objects"], kwargs["max_objects"] = parse_objects(objects)
+  if config.data.phantom_balance_modalities:
+    kwargs["balance_modalities"] = True
+  log.info("generating the phantom Med-GRIT set in %s", raw)
+  weights = parse_task_weights(task_weights) if task_weights else None
+  manifest = generate_dataset(PhantomSource(**kwargs), raw, seed=seed, max_turns=max_turns,
+                              records_per_image=config.data.phantom_records_per_image, task_weights=weights)
+  log.info("phantom set: %s", json.dumps(manifest.get("counts", {}).get("records", manifest.get("counts", {}))))
+
+
 def ensure_raw_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path:
   raw = raw_dir_for(config, workdir)
   if (raw / "manifest.json").exists() or (config.data.source != "phantom" and raw.is_dir()):
@@ -43,19 +64,29 @@ def ensure_raw_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path
   if config.data.source != "phantom":
     raise FileNotFoundError(f"Med-GRIT folder {raw} does not exist; generate it with `python -m data_gen` "
                             f"or fix --config.data.raw_dir")
-  from data_gen.pipeline import generate_dataset
-  from data_gen.sources.phantom import PhantomSource
+  _generate_phantom(raw, config, seed=config.seed, objects=config.data.phantom_objects,
+                    max_turns=config.data.phantom_max_turns, task_weights=config.data.phantom_task_weights)
+  return raw
 
-  kwargs = {"image_size": config.data.phantom_image_size, "seed": config.seed}
-  if config.data.phantom_cases:
-    kwargs["num_cases"] = config.data.phantom_cases
-  log.info("generating the phantom Med-GRIT set in %s", raw)
-  from data_gen.tasks import parse_task_weights
 
-  weights = parse_task_weights(config.data.phantom_task_weights) if config.data.phantom_task_weights else None
-  manifest = generate_dataset(PhantomSource(**kwargs), raw, seed=config.seed, max_turns=config.data.phantom_max_turns,
-                              records_per_image=config.data.phantom_records_per_image, task_weights=weights)
-  log.info("phantom set: %s", json.dumps(manifest.get("counts", {}).get("records", manifest.get("counts", {}))))
+def ensure_curriculum_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path | None:
+  """The first stage's Med-GRIT folder when `data.curriculum.steps > 0`: `curriculum.raw_dir`, or with the
+  phantom source a phantom set of its own (other seed, so none of its layouts is a held-out case's)."""
+  cur = config.data.curriculum
+  if cur.steps <= 0:
+    return None
+  if cur.raw_dir:
+    raw = Path(cur.raw_dir)
+    if not raw.is_dir():
+      raise FileNotFoundError(f"curriculum folder {raw} does not exist; fix --config.data.curriculum.raw_dir")
+    return raw
+  if config.data.source != "phantom":
+    raise ValueError("config.data.curriculum.steps > 0 needs --config.data.curriculum.raw_dir (a Med-GRIT folder) "
+                     "unless data.source=phantom")
+  raw = workdir / "data" / "med_grit_phantom_curriculum"
+  if not (raw / "manifest.json").exists():
+    _generate_phantom(raw, config, seed=config.seed + 1, objects=cur.phantom_objects,
+                      max_turns=cur.phantom_max_turns, task_weights=cur.phantom_task_weights)
   return raw
 
 
@@ -84,20 +115,25 @@ def ensure_tokenizer(config: ml_collections.ConfigDict, workdir: Path, raw: Path
   return tok, path
 
 
-def ensure_tfds(config: ml_collections.ConfigDict, workdir: Path, raw: Path) -> Path:
+def ensure_tfds(config: ml_collections.ConfigDict, raw: Path, data_dir: Path) -> Path:
   import tensorflow_datasets as tfds
 
   from bird_jax.data.med_grit import Builder
 
-  data_dir = Path(config.data.tfds_dir) if config.data.tfds_dir else workdir / "tfds"
   builder = Builder(config=config.data.builder_config, data_dir=str(data_dir), file_format="array_record")
   # A no-op when this version is already built: delete <tfds_dir>/med_grit to rebuild from a changed folder.
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(raw)))
   return data_dir
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: Path) -> PreparedData:
+def prepare(config: ml_collections.ConfigDict, workdir: Path, *, for_training: bool = True) -> PreparedData:
+  """for_training=False (evaluation, chat, export) skips the curriculum set, which only training reads."""
   raw = ensure_raw_dataset(config, workdir)
+  curriculum_raw = ensure_curriculum_dataset(config, workdir) if for_training else None
   tokenizer, tok_path = ensure_tokenizer(config, workdir, raw)
-  tfds_dir = ensure_tfds(config, workdir, raw)
-  return PreparedData(raw_dir=raw, tfds_dir=tfds_dir, tokenizer=tokenizer, tokenizer_path=tok_path)
+  tfds_dir = ensure_tfds(config, raw, Path(config.data.tfds_dir) if config.data.tfds_dir else workdir / "tfds")
+  curriculum_tfds = None
+  if curriculum_raw is not None:
+    curriculum_tfds = ensure_tfds(config, curriculum_raw, workdir / "tfds_curriculum")
+  return PreparedData(raw_dir=raw, tfds_dir=tfds_dir, tokenizer=tokenizer, tokenizer_path=tok_path,
+                      curriculum_tfds_dir=curriculum_tfds)

@@ -233,15 +233,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   # ---- input ---------------------------------------------------------------------------------------
   train_source = load_split(data.tfds_dir, "train", config.data.builder_config)
   per_process = tc.batch_size // jax.process_count()
-  dataset = make_train_dataset(
-    train_source, data.tokenizer, seq_len=config.data.seq_len, image_size=model_cfg.image_size,
-    batch_size=per_process, seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
-    packing=config.data.packing, worker_count=config.data.worker_count, loss_on=config.data.loss_on,
-    system=config.data.system_prompt or None,
-  )
-  batches = iter(dataset)
-  if data_state:
-    batches.set_state(data_state)
+  curriculum_steps = config.data.curriculum.steps if data.curriculum_tfds_dir else 0
+
+  def open_stream(stage: str, iterator_state: dict | None):
+    """Batches of one data stage ("curriculum" or "main"), resumed from `iterator_state` when given."""
+    source, seq_len = train_source, config.data.seq_len
+    if stage == "curriculum":
+      source = load_split(data.curriculum_tfds_dir, "train", config.data.builder_config)
+      seq_len = config.data.curriculum.seq_len or seq_len
+    it = iter(make_train_dataset(
+      source, data.tokenizer, seq_len=seq_len, image_size=model_cfg.image_size,
+      batch_size=per_process, seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+      packing=config.data.packing, worker_count=config.data.worker_count, loss_on=config.data.loss_on,
+      system=config.data.system_prompt or None,
+    ))
+    if iterator_state:
+      it.set_state(iterator_state)
+    return it
+
+  # Checkpoints store {"stage", "iterator"}; older ones hold the main stream's iterator state alone.
+  if data_state and "stage" not in data_state:
+    data_state = {"stage": "main", "iterator": data_state}
+  stage = "curriculum" if start_step < curriculum_steps else "main"
+  same_stage = bool(data_state) and data_state["stage"] == stage
+  batches = open_stream(stage, data_state["iterator"] if same_stage else None)
+  if curriculum_steps:
+    log.info("data stages: steps [0, %d) on %s, then %s", curriculum_steps, data.curriculum_tfds_dir, data.tfds_dir)
+    if curriculum_steps >= tc.steps:
+      log.warning("data.curriculum.steps=%d >= train.steps=%d: this run never reaches the main set",
+                  curriculum_steps, tc.steps)
 
   # ---- train loop ----------------------------------------------------------------------------------
   # Batches arrive as global arrays already laid out by `to_global`; jit takes their sharding as given.
@@ -282,6 +302,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   stopped_early = False
   with jax.set_mesh(mesh):
     while step < tc.steps:
+      if stage == "curriculum" and step >= curriculum_steps:
+        stage, batches = "main", open_stream("main", None)
+        log.info("step %d: curriculum stage done, training on the main set", step)
       batch = to_global(next(batches), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
@@ -292,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
       progress.update(1)
       out_of_time = tc.max_minutes > 0 and (time.time() - t_train) > tc.max_minutes * 60
       if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time:
-        ckpt.save(step, state, data_state=batches.get_state(), meta=meta)
+        ckpt.save(step, state, data_state={"stage": stage, "iterator": batches.get_state()}, meta=meta)
       if out_of_time and step < tc.steps:
         log.info("stopping at step %d: train.max_minutes=%.1f reached", step, tc.max_minutes)
         stopped_early = True

@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.phantom_image_size = 128
   c.data.phantom_max_turns = 3
   c.data.phantom_records_per_image = 1
+  c.data.phantom_balance_modalities = False  # True: as many X-ray images as CT/MR ones (more 1-slice cases)
+  c.data.phantom_objects = ""  # "MIN,MAX" labelled structures per phantom image; "" -> data_gen's default (2,4)
   c.data.phantom_task_weights = ""  # e.g. "VG=0.45,RO=0.35,GC=0.1,MII=0.1"; "" -> data_gen's default mix
   c.data.tokenizer = ""  # a checkpoint dir with qwen.tiktoken, or a tokenizer.json; "" -> train a demo BPE
   c.data.tokenizer_vocab_size = 1024
@@ -38,6 +40,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.loss_on = "assistant"  # or "qwen_official"
   c.data.worker_count = 0
   c.data.system_prompt = "You are a helpful assistant."  # "" -> no system turn
+  # A first data stage: the first `steps` optimizer steps read this set instead (same model, optimizer and
+  # lr schedule), then training moves on to the main set. E.g. one-object grounding before crowded images.
+  c.data.curriculum = ml_collections.ConfigDict()
+  c.data.curriculum.steps = 0  # 0 -> no first stage
+  c.data.curriculum.raw_dir = ""  # a Med-GRIT folder; "" with data.source=phantom -> a phantom set of its own
+  c.data.curriculum.phantom_objects = "1,1"
+  c.data.curriculum.phantom_task_weights = "VG=1"
+  c.data.curriculum.phantom_max_turns = 1
+  c.data.curriculum.seq_len = 0  # 0 -> data.seq_len
 
   c.model = model_config(QwenVLConfig.qwen_vl_chat_7b())
   c.init_from = ""  # a Hugging Face Qwen-VL(-Chat) checkpoint directory; "" -> random init

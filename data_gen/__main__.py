@@ -26,15 +26,13 @@ from data_gen.tasks import parse_task_weights
 
 def _build_source(args: argparse.Namespace):
   if args.source == "phantom":
-    from data_gen.sources.phantom import DEFAULT_MODALITIES, PhantomSource
+    from data_gen.sources.phantom import DEFAULT_MODALITIES, PhantomSource, parse_objects
 
     mods = tuple(m.strip() for m in args.modalities.split(",")) if args.modalities else DEFAULT_MODALITIES
-    try:
-      lo, hi = (int(v) for v in args.objects.split(","))
-    except ValueError:
-      raise ValueError(f"--objects {args.objects!r}: write MIN,MAX, e.g. --objects 1,1 for one per image") from None
+    lo, hi = parse_objects(args.objects)
     return PhantomSource(num_cases=args.num_cases, image_size=args.image_size, seed=args.seed,
-                         modalities=mods, slices_per_case=args.slices_per_case, min_objects=lo, max_objects=hi)
+                         modalities=mods, slices_per_case=args.slices_per_case, min_objects=lo, max_objects=hi,
+                         balance_modalities=args.balance_modalities)
   if args.source in ("sam_med2d", "png_folder"):
     if not args.root:
       raise SystemExit(f"--source {args.source} needs --root DIR (the dataset folder to read)")
@@ -81,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--image-size", type=int, default=128, help="phantom: image side in pixels")
   p.add_argument("--slices-per-case", type=int, default=None, help="phantom: slices per ct/mr case (6)")
   p.add_argument("--objects", default="2,4", help="phantom: MIN,MAX labelled structures per image (2,4)")
+  p.add_argument("--balance-modalities", action="store_true",
+                 help="phantom: more cases for 1-slice modalities (x-ray) so each gives about as many images")
   p.add_argument("--modalities", default=None,
                  help="phantom: comma list (default ct,mr,x); sam_med2d demo / png_folder: the one modality; "
                       "msd/nnunet: overrides the modality read from dataset.json")

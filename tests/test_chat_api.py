@@ -161,7 +161,8 @@ def test_training_checkpoint_loads_from_its_run_folder_or_config_name(tmp_path):
   work = tmp_path / "run"
   flags = ["--config=cpu_demo", f"--config.workdir={work}", "--config.data.phantom_cases=8",
            "--config.train.steps=1", "--config.train.checkpoint_every=1", "--config.eval.at_end=false",
-           "--config.train.batch_size=8", "--config.model.num_layers=1", "--config.model.vision_layers=1"]
+           "--config.train.batch_size=8", "--config.model.num_layers=1", "--config.model.vision_layers=1",
+           "--config.data.curriculum.steps=0"]
   env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="")
   r = subprocess.run([sys.executable, "-m", "bird_jax.train", *flags], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=600)

@@ -57,7 +57,8 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   work = tmp_path / "demo"
   small = ["--config=cpu_demo", f"--config.workdir={work}", "--config.data.phantom_cases=8",
            "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.eval.max_examples=6",
-           "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24", "--config.train.batch_size=8"]
+           "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24", "--config.train.batch_size=8",
+           "--config.data.curriculum.steps=2"]
   # Run from another directory: config names resolve from the installed package.
   r = run(["-m", "bird_jax.train", *small, "--config.train.steps=3"], cwd=tmp_path)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -67,6 +68,12 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
   assert (work / "tfds" / "med_grit" / "generated" / "1.0.0").is_dir()
   assert (work / "data" / "med_grit_phantom" / "manifest.json").exists()
+  # Steps 1-2 read the curriculum set: one structure per image, VG only, its own seed (no held-out layouts).
+  first = json.loads((work / "data" / "med_grit_phantom_curriculum" / "manifest.json").read_text())["params"]
+  assert first["source_params"]["min_objects"] == first["source_params"]["max_objects"] == 1
+  assert first["task_weights"] == {"VG": 1.0} and first["seed"] == 1
+  assert (work / "tfds_curriculum" / "med_grit" / "generated" / "1.0.0").is_dir()
+  assert "step 2: curriculum stage done" in r.stdout
   preds = (work / "eval" / "predictions_VG.jsonl").read_text().splitlines()
   assert len(preds) == 6 and {"id", "question", "annotation", "response"} <= set(json.loads(preds[0]))
   metrics = json.loads((work / "eval" / "metrics.json").read_text())["results"]

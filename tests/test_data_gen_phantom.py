@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -42,6 +43,17 @@ def test_deterministic_from_seed_and_independent_of_num_cases():
   # Case k does not depend on how many cases are generated.
   more = {s.image_id: s for s in PhantomSource(num_cases=6, image_size=64, seed=3)}
   assert _signature(a) == _signature([more[s.image_id] for s in a])
+
+
+def test_balance_modalities_gives_each_modality_as_many_images_and_keeps_existing_cases():
+  plain = list(PhantomSource(num_cases=3, image_size=64, seed=3))
+  balanced = list(PhantomSource(num_cases=3, image_size=64, seed=3, balance_modalities=True))
+  per_mod = Counter(s.modality for s in balanced)
+  assert per_mod == {"ct": 18, "mr": 18, "x": 18} and len(PhantomSource(3, balance_modalities=True)) == 54
+  assert len({s.case_id for s in balanced if s.modality == "x"}) == 18
+  by_id = {s.image_id: s for s in balanced}
+  assert _signature(plain) == _signature([by_id[s.image_id] for s in plain])  # the extra cases only add
+  assert "balance_modalities" not in PhantomSource(3).params()  # old folders keep their parameters
 
 
 def test_layout_rules_sizes_overlap_and_box_equals_mask_extents():

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -268,7 +269,8 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path):
 def test_cli_end_to_end(tmp_path):
   out = tmp_path / "cli"
   cmd = [sys.executable, "-m", "data_gen", "--source", "phantom", "--out", str(out), "--num-cases", "3",
-         "--image-size", "48", "--slices-per-case", "2", "--objects", "1,1", "--seed", "2", "--workers", "1"]
+         "--image-size", "48", "--slices-per-case", "2", "--objects", "1,1", "--balance-modalities", "--seed", "2",
+         "--workers", "1"]
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
   assert r.returncode == 0, r.stderr
@@ -279,7 +281,12 @@ def test_cli_end_to_end(tmp_path):
   train = json.loads((out / "train.json").read_text())
   answers = [a for r in train for _, a in r["conversations"]]
   assert any("<box>" in a for a in answers) and all(a.count("<box>") <= 1 for a in answers)  # one structure each
-  assert sum(sum(v.values()) for v in m["counts"]["images"].values()) == 3 * (2 + 2 + 1)
+  # --balance-modalities: 2 slices per ct/mr case, so x-ray gets 2 x 3 cases of 1 image.
+  assert m["params"]["source_params"]["balance_modalities"] is True
+  images = Counter()
+  for split in m["counts"]["images"].values():
+    images.update(split)
+  assert images == {"ct": 6, "mr": 6, "x": 6}
   r2 = subprocess.run(cmd[:-2] + ["--seed", "3"], capture_output=True, text=True, cwd=REPO, env=env,
                       timeout=120)
   assert r2.returncode == 2 and "overwrite" in r2.stderr and len(r2.stderr.strip().splitlines()) == 1

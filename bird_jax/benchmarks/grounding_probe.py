@@ -7,15 +7,22 @@
 - digit NLL: next-token NLL of the coordinate digits of held-out VG answers with the real image and with a
   blank one. Equal values mean the boxes are written without looking at the image.
 - box probe: R² of a ridge regression from the image features (n_queries × hidden) to the reference box.
+- box errors (from the run's eval/predictions_VG.jsonl): recall@0.5 and mean edge error by reference-box
+  size, how often each coordinate's hundreds digit is right, and the error of the last two digits when it
+  is (uniform guessing gives ~33). Tells "cannot find the structure" from "finds it, writes it coarsely".
 
 These are the diagnostics behind the README's "does the demo learn?" section.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import json
+import math
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +46,47 @@ def ridge_r2(x: np.ndarray, y: np.ndarray, *, train_fraction: float = 0.67, lam:
   w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ (y[:n] - y[:n].mean(0)))
   pred = b @ w + y[:n].mean(0)
   return 1.0 - ((pred - y[n:]) ** 2).sum(0) / ((y[n:] - y[n:].mean(0)) ** 2).sum(0)
+
+
+def box_errors(predictions: list[dict[str, Any]],
+               size_edges: tuple[float, ...] = (0, 150, 250, 350, 1000)) -> dict[str, Any]:
+  """VG predictions ({"annotation", "response"} per line of predictions_VG.jsonl) -> where the boxes go wrong.
+
+  Pairs each reference's first box with the response's first box (a missing box counts as a miss with
+  error 1000 per edge). Size = sqrt(area) of the reference box in the [0, 1000) frame."""
+  from bird_jax.metrics import box_iou, parse_boxes
+
+  rows = []
+  for p in predictions:
+    ref = next((b for b in parse_boxes(p["annotation"]) if b is not None), None)
+    if ref is None:
+      continue
+    pred = next((b for b in parse_boxes(p["response"]) if b is not None), None)
+    rows.append((ref, pred))
+  if not rows:
+    raise ValueError("no VG prediction with a parsable reference box; pass a run's eval/predictions_VG.jsonl")
+  hundreds, low_err, by_size = [], [], {}
+  for ref, pred in rows:
+    if pred is not None:
+      for r, q in zip(ref, pred, strict=True):
+        hundreds.append(int(r) // 100 == int(q) // 100)
+        if hundreds[-1]:
+          low_err.append(abs(int(r) % 100 - int(q) % 100))
+    side = math.sqrt(max(0.0, (ref[2] - ref[0]) * (ref[3] - ref[1])))
+    i = min(max(bisect.bisect_right(size_edges, side) - 1, 0), len(size_edges) - 2)
+    lo, hi = size_edges[i], size_edges[i + 1]
+    err = 1000.0 if pred is None else float(np.mean(np.abs(np.subtract(ref, pred))))
+    bucket = by_size.setdefault(f"{lo:g}-{hi:g}", {"n": 0, "hits": 0, "edge_error_sum": 0.0})
+    bucket["n"] += 1
+    bucket["hits"] += box_iou(pred, ref) > 0.5  # the official hit test
+    bucket["edge_error_sum"] += err
+  return {
+    "n": len(rows),
+    "hundreds_digit_right": float(np.mean(hundreds)) if hundreds else 0.0,
+    "last_two_digits_error": float(np.mean(low_err)) if low_err else None,
+    "by_size": {k: {"n": v["n"], "recall@0.5": v["hits"] / v["n"], "mean_edge_error": v["edge_error_sum"] / v["n"]}
+                for k, v in sorted(by_size.items(), key=lambda kv: float(kv[0].split("-")[0]))},
+  }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -80,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "digit_nll_blank_image": float(blank[0] / jnp.maximum(blank[1], 1)),
     "box_probe_r2": [round(float(v), 3) for v in ridge_r2(feats, boxes)],
   }
+  preds_file = Path(config.workdir) / "eval" / "predictions_VG.jsonl"
+  if preds_file.exists():
+    result["box_errors"] = box_errors([json.loads(line) for line in preds_file.read_text().splitlines()])
   for k, v in result.items():
     print(f"{k:24s} {v}")
   return result

@@ -11,7 +11,8 @@ adding cases, `limit`, or worker count never changes the existing cases.
 
 Defaults (`PhantomSource()`): modalities ct, mr, x; 150 cases each; 6 axial slices per ct/mr case and one
 image per x-ray case -> 1,950 images of 128x128. With the pipeline's test_fraction=0.2 (by case, per
-modality) that is about 1,560 train and 390 test images.
+modality) that is about 1,560 train and 390 test images. `balance_modalities=True` gives x-ray 900 cases
+(2,700 images in all), so each modality contributes as many images.
 """
 
 from __future__ import annotations
@@ -108,6 +109,15 @@ SPECS: dict[str, ModalitySpec] = {
 DEFAULT_MODALITIES = ("ct", "mr", "x")
 
 
+def parse_objects(text: str) -> tuple[int, int]:
+  """"MIN,MAX" labelled structures per image -> (MIN, MAX)."""
+  try:
+    lo, hi = (int(v) for v in text.split(","))
+  except ValueError:
+    raise ValueError(f"--objects {text!r}: write MIN,MAX, e.g. --objects 1,1 for one per image") from None
+  return lo, hi
+
+
 def _shape_mask(shape: str, h: int, w: int) -> np.ndarray:
   """Boolean h x w mask of `shape` filling its box (sampled at pixel centres)."""
   v = (np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1
@@ -169,6 +179,7 @@ class PhantomSource:
     max_objects: int = 4,
     min_frac: float = 0.12,
     max_frac: float = 0.45,
+    balance_modalities: bool = False,
   ):
     unknown = [m for m in modalities if m not in SPECS]
     if unknown:
@@ -184,10 +195,20 @@ class PhantomSource:
     self.slices_per_case = slices_per_case
     self.min_objects, self.max_objects = min_objects, max_objects
     self.min_frac, self.max_frac = min_frac, max_frac
+    self.balance_modalities = balance_modalities
     self._body = _body_mask(image_size)
 
   def __len__(self) -> int:
-    return sum(self.num_cases * self._slices(m) for m in self.modalities)
+    return sum(self.cases(m) * self._slices(m) for m in self.modalities)
+
+  def cases(self, modality: str) -> int:
+    """Cases of `modality`. With balance_modalities, a modality with fewer slices per case gets
+    proportionally more cases, so each modality contributes about the same number of images (a 2-D X-ray
+    case is one image, a CT case six): otherwise X-ray is 1/13 of the training set and its score lags."""
+    if not self.balance_modalities:
+      return self.num_cases
+    most = max(self._slices(m) for m in self.modalities)
+    return self.num_cases * most // self._slices(modality)
 
   def _slices(self, modality: str) -> int:
     spec = SPECS[modality]
@@ -201,12 +222,15 @@ class PhantomSource:
       "modalities": list(self.modalities), "slices_per_case": self.slices_per_case,
       "min_objects": self.min_objects, "max_objects": self.max_objects,
       "min_frac": self.min_frac, "max_frac": self.max_frac,
+      # Only when set, so folders made before the option existed keep their parameters.
+      **({"balance_modalities": True} if self.balance_modalities else {}),
     }
 
   def __iter__(self) -> Iterator[Sample]:
-    for k in range(self.num_cases):
+    counts = {m: self.cases(m) for m in self.modalities}
+    for k in range(max(counts.values())):
       for mi, modality in enumerate(SPECS):
-        if modality in self.modalities:
+        if k < counts.get(modality, 0):
           yield from self.case(modality, k, _mi=mi)
 
   # -- one case -------------------------------------------------------------------------------------------

@@ -81,8 +81,10 @@ def ensure_curriculum_dataset(config: ml_collections.ConfigDict, workdir: Path) 
       raise FileNotFoundError(f"curriculum folder {raw} does not exist; fix --config.data.curriculum.raw_dir")
     return raw
   if config.data.source != "phantom":
-    raise ValueError("config.data.curriculum.steps > 0 needs --config.data.curriculum.raw_dir (a Med-GRIT folder) "
-                     "unless data.source=phantom")
+    from bird_jax.config_util import ConfigError
+
+    raise ConfigError(f"data.curriculum.steps={cur.steps} needs a first-stage folder when data.source is not "
+                      "phantom: add --config.data.curriculum.raw_dir=DIR, or --config.data.curriculum.steps=0")
   raw = workdir / "data" / "med_grit_phantom_curriculum"
   if not (raw / "manifest.json").exists():
     _generate_phantom(raw, config, seed=config.seed + 1, objects=cur.phantom_objects,

@@ -52,6 +52,16 @@ def test_train_command_reports_config_errors_in_one_line(tmp_path):
   assert r.stderr.strip().splitlines() == [expected]
 
 
+def test_curriculum_without_a_first_stage_folder_is_a_one_line_error(tmp_path):
+  (tmp_path / "mine").mkdir()
+  r = run(["-m", "bird_jax.train", "--config=cpu_demo", f"--config.workdir={tmp_path / 'w'}",
+           "--config.data.source=folder", f"--config.data.raw_dir={tmp_path / 'mine'}"], cwd=tmp_path)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines() == [
+    "error: data.curriculum.steps=600 needs a first-stage folder when data.source is not phantom: add "
+    "--config.data.curriculum.raw_dir=DIR, or --config.data.curriculum.steps=0"]
+
+
 @pytest.mark.slow
 def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   work = tmp_path / "demo"

@@ -56,36 +56,34 @@ def box_errors(predictions: list[dict[str, Any]],
   error 1000 per edge). Size = sqrt(area) of the reference box in the [0, 1000) frame."""
   from bird_jax.metrics import box_iou, parse_boxes
 
-  rows = []
+  buckets = {f"{lo:g}-{hi:g}": {"n": 0, "hits": 0, "edge_error_sum": 0.0}
+             for lo, hi in zip(size_edges, size_edges[1:], strict=False)}
+  names = list(buckets)
+  hundreds, low_err = [], []
   for p in predictions:
     ref = next((b for b in parse_boxes(p["annotation"]) if b is not None), None)
     if ref is None:
       continue
     pred = next((b for b in parse_boxes(p["response"]) if b is not None), None)
-    rows.append((ref, pred))
-  if not rows:
-    raise ValueError("no VG prediction with a parsable reference box; pass a run's eval/predictions_VG.jsonl")
-  hundreds, low_err, by_size = [], [], {}
-  for ref, pred in rows:
     if pred is not None:
       for r, q in zip(ref, pred, strict=True):
         hundreds.append(int(r) // 100 == int(q) // 100)
         if hundreds[-1]:
           low_err.append(abs(int(r) % 100 - int(q) % 100))
     side = math.sqrt(max(0.0, (ref[2] - ref[0]) * (ref[3] - ref[1])))
-    i = min(max(bisect.bisect_right(size_edges, side) - 1, 0), len(size_edges) - 2)
-    lo, hi = size_edges[i], size_edges[i + 1]
-    err = 1000.0 if pred is None else float(np.mean(np.abs(np.subtract(ref, pred))))
-    bucket = by_size.setdefault(f"{lo:g}-{hi:g}", {"n": 0, "hits": 0, "edge_error_sum": 0.0})
+    bucket = buckets[names[min(max(bisect.bisect_right(size_edges, side) - 1, 0), len(names) - 1)]]
     bucket["n"] += 1
     bucket["hits"] += box_iou(pred, ref) > 0.5  # the official hit test
-    bucket["edge_error_sum"] += err
+    bucket["edge_error_sum"] += 1000.0 if pred is None else float(np.mean(np.abs(np.subtract(ref, pred))))
+  n = sum(b["n"] for b in buckets.values())
+  if not n:
+    raise ValueError("no VG prediction with a parsable reference box; pass a run's eval/predictions_VG.jsonl")
   return {
-    "n": len(rows),
+    "n": n,
     "hundreds_digit_right": float(np.mean(hundreds)) if hundreds else 0.0,
     "last_two_digits_error": float(np.mean(low_err)) if low_err else None,
-    "by_size": {k: {"n": v["n"], "recall@0.5": v["hits"] / v["n"], "mean_edge_error": v["edge_error_sum"] / v["n"]}
-                for k, v in sorted(by_size.items(), key=lambda kv: float(kv[0].split("-")[0]))},
+    "by_size": {k: {"n": b["n"], "recall@0.5": b["hits"] / b["n"], "mean_edge_error": b["edge_error_sum"] / b["n"]}
+                for k, b in buckets.items() if b["n"]},
   }
 
 

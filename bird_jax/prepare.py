@@ -75,14 +75,14 @@ def ensure_curriculum_dataset(config: ml_collections.ConfigDict, workdir: Path) 
   cur = config.data.curriculum
   if cur.steps <= 0:
     return None
+  from bird_jax.config_util import ConfigError
+
   if cur.raw_dir:
     raw = Path(cur.raw_dir)
     if not raw.is_dir():
-      raise FileNotFoundError(f"curriculum folder {raw} does not exist; fix --config.data.curriculum.raw_dir")
+      raise ConfigError(f"curriculum folder {raw} does not exist; fix --config.data.curriculum.raw_dir")
     return raw
   if config.data.source != "phantom":
-    from bird_jax.config_util import ConfigError
-
     raise ConfigError(f"data.curriculum.steps={cur.steps} needs a first-stage folder when data.source is not "
                       "phantom: add --config.data.curriculum.raw_dir=DIR, or --config.data.curriculum.steps=0")
   raw = workdir / "data" / "med_grit_phantom_curriculum"

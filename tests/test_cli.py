@@ -60,6 +60,12 @@ def test_curriculum_without_a_first_stage_folder_is_a_one_line_error(tmp_path):
   assert r.stderr.strip().splitlines() == [
     "error: data.curriculum.steps=600 needs a first-stage folder when data.source is not phantom: add "
     "--config.data.curriculum.raw_dir=DIR, or --config.data.curriculum.steps=0"]
+  missing = tmp_path / "no_such_folder"
+  r = run(["-m", "bird_jax.train", "--config=cpu_demo", f"--config.workdir={tmp_path / 'w'}",
+           "--config.data.source=folder", f"--config.data.raw_dir={tmp_path / 'mine'}",
+           f"--config.data.curriculum.raw_dir={missing}"], cwd=tmp_path)
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    f"error: curriculum folder {missing} does not exist; fix --config.data.curriculum.raw_dir"]
 
 
 @pytest.mark.slow

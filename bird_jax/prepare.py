@@ -46,6 +46,8 @@ def _generate_phantom(raw: Path, config: ml_collections.ConfigDict, *, seed: int
   kwargs = {"image_size": config.data.phantom_image_size, "seed": seed}
   if config.data.phantom_cases:
     kwargs["num_cases"] = config.data.phantom_cases
+  if config.data.phantom_slices:
+    kwargs["slices_per_case"] = config.data.phantom_slices
   if objects:
     kwargs["min_objects"], kwargs["max_objects"] = parse_objects(objects)
   if config.data.phantom_balance_modalities:

@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.builder_config = "generated"  # or "official" (released Med-GRIT file names)
   c.data.tfds_dir = ""  # default: <workdir>/tfds
   c.data.phantom_cases = 0  # 0 -> data_gen's default demo size
+  c.data.phantom_slices = 0  # slices per 3-D (ct/mr) phantom case; 0 -> data_gen's default (6)
   c.data.phantom_image_size = 128
   c.data.phantom_max_turns = 3
   c.data.phantom_records_per_image = 1

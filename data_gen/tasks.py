@@ -232,7 +232,11 @@ def _pool(facts: ImageFacts) -> dict[str, list[Any]]:
 def conversation(facts: ImageFacts, n_turns: int, rng: np.random.Generator,
                  task_weights: dict[str, float] | None = None) -> tuple[list[list[str]], str]:
   """A multi-turn conversation of up to n_turns distinct (task, target) pairs; returns (turns, task field).
-  Each turn's task is drawn with `task_weights` (default TASK_WEIGHTS) among tasks with targets left."""
+  Each turn's task is drawn with `task_weights` (default TASK_WEIGHTS) among tasks with targets left.
+
+  A structure is asked about once: after a VG, RO or GC turn has put its name next to its box, no later turn
+  asks for either (its answer would be a copy of the earlier turn, which teaches copying, not grounding; the
+  test questions are single turns)."""
   weights = TASK_WEIGHTS if task_weights is None else task_weights
   pool = {t: targets for t, targets in _pool(facts).items() if weights.get(t, 0) > 0}
   turns: list[list[str]] = []
@@ -246,6 +250,10 @@ def conversation(facts: ImageFacts, n_turns: int, rng: np.random.Generator,
     target = pool[task].pop(int(rng.integers(len(pool[task]))))
     turns.append(list(make_qa(task, facts, target, rng)))
     used.append(task)
+    if task != "MII":
+      told = target if task == "VG" else facts.objects[target].name
+      pool = {t: [x for x in xs if t == "MII" or (x if t == "VG" else facts.objects[x].name) != told]
+              for t, xs in pool.items()}
   turns[0][0] = image_prefix(facts.image_id) + turns[0][0]
   kind = used[0] if len(set(used)) == 1 else "mixed"
   return turns, kind

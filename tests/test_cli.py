@@ -72,7 +72,8 @@ def test_curriculum_without_a_first_stage_folder_is_a_one_line_error(tmp_path):
 def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   work = tmp_path / "demo"
   small = ["--config=cpu_demo", f"--config.workdir={work}", "--config.data.phantom_cases=8",
-           "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.eval.max_examples=6",
+           "--config.data.phantom_slices=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+           "--config.eval.max_examples=6",
            "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24", "--config.train.batch_size=8",
            "--config.data.curriculum.steps=2"]
   # Run from another directory: config names resolve from the installed package.
@@ -83,7 +84,8 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   assert summary["steps"] == 3 and set(summary["eval"]) == {"VG", "RO"}
   assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
   assert (work / "tfds" / "med_grit" / "generated" / "1.0.0").is_dir()
-  assert (work / "data" / "med_grit_phantom" / "manifest.json").exists()
+  main_set = json.loads((work / "data" / "med_grit_phantom" / "manifest.json").read_text())["params"]
+  assert main_set["source_params"]["slices_per_case"] == 2 and main_set["source_params"]["num_cases"] == 8
   # Steps 1-2 read the curriculum set: one structure per image, VG only, its own seed (no held-out layouts).
   first = json.loads((work / "data" / "med_grit_phantom_curriculum" / "manifest.json").read_text())["params"]
   assert first["source_params"]["min_objects"] == first["source_params"]["max_objects"] == 1

@@ -70,12 +70,13 @@ def _answer(stage: str, prompt: str, fault: str) -> str:
   n = int(re.search(r"conversation of (\d+) turn", prompt).group(1))
   name = names[0]
   boxes = "".join(s["box"] for s in structs if s["name"] == name)
-  s0 = structs[-1]
-  turns = [
-    {"user": f"Where exactly is the {name}?", "assistant": f"<ref>{name}</ref>{boxes}"},
-    {"user": f"What is at {s0['box']}?", "assistant": f"That is the {s0['name']}."},
-    {"user": f"Tell me about {s0['box']}.", "assistant": f"This region contains the {s0['name']}."},
-  ][:n]
+  # A well-behaved model asks about each structure once (the verifier refuses repeats).
+  others = [s for s in structs if s["name"] != name]
+  turns = [{"user": f"Where exactly is the {name}?", "assistant": f"<ref>{name}</ref>{boxes}"}]
+  turns += [{"user": f"What is at {s['box']}?", "assistant": f"That is the {s['name']}."} for s in others[-1:]]
+  turns += [{"user": f"Tell me about {s['box']}.", "assistant": f"This region contains the {s['name']}."}
+            for s in others[-2:-1]]
+  turns = turns[:n]
   if fault == "invented_box":
     turns[0]["assistant"] = f"<ref>{name}</ref>{INVENTED}"
   elif fault == "unknown_label":
@@ -370,6 +371,12 @@ def _tiny_facts() -> ImageFacts:
   ([{"user": "Hi", "assistant": ""}], "turn structure"),
   ([{"user": "Hi", "assistant": "Yes", "extra": 1}], "turn structure"),
   ([{"user": "a", "assistant": "b"}] * 4, "turn structure"),
+  ([{"user": "What is at <box>(10,10),(50,50)</box>?", "assistant": "The liver."},
+    {"user": "Where is the liver?", "assistant": "<ref>liver</ref><box>(10,10),(50,50)</box>"}],
+   "asks again about an earlier turn's structure"),
+  ([{"user": "What is at <box>(10,10),(50,50)</box>?", "assistant": "The liver."},
+    {"user": "Where is the left kidney?",
+     "assistant": "<ref>left kidney</ref><box>(60,60),(70,70)</box><box>(80,60),(90,70)</box>"}], None),
 ])
 def test_verify_conversation_rules(turns, reason):
   got, why = verify.check_conversation(json.dumps({"turns": turns}), _tiny_facts(), max_turns=3)

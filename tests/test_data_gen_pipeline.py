@@ -127,6 +127,29 @@ def test_boxes_in_answers_equal_mask_extents(dataset):
   assert checked > 20
 
 
+def test_no_training_turn_is_answered_by_an_earlier_one(tmp_path):
+  # Test questions are single turns: a VG box or RO name already said earlier in the conversation would be
+  # learnt as a copy. Each structure is the subject of at most one VG/RO/GC turn per conversation.
+  out = tmp_path / "out"
+  generate_dataset(PhantomSource(num_cases=8, image_size=64, seed=3), out, seed=0, test_fraction=0.25,
+                   max_turns=5, task_weights={"VG": 1.0, "RO": 1.0, "GC": 1.0}, write_stats=False)
+  multi = 0
+  for r in _load(out, "train.json"):
+    said, subjects = "", []
+    for q, a in r["conversations"]:
+      if a.startswith("<ref>"):
+        subjects.append(re.match(r"<ref>(.*?)</ref>", a).group(1))
+        assert a.split("<box>", 1)[1] not in said, r
+      elif "<box>" in q:
+        (box,) = re.findall(r"<box>.*?</box>", q)
+        subjects.append(a if len(a.split()) <= 4 else re.search(r"contains the (.*?),", a).group(1))  # RO | GC
+        assert box not in said, r
+      said += q + a
+    assert len(subjects) == len(set(subjects)), r
+    multi += len(subjects) > 1
+  assert multi > 5  # the rule leaves multi-turn conversations about different structures
+
+
 def test_saved_images_are_the_source_arrays(dataset):
   out, _ = dataset
   for s in list(_tiny_source())[:8]:

@@ -109,7 +109,8 @@ def conversation_messages(f: ImageFacts, description: str, n_turns: int, variant
     f"- region description: the user gives one box and asks about it; the assistant describes it. {STYLE_REGION}"
     "\n"
     f"- whole-image interpretation: no boxes. {STYLE_OVERALL}\n"
-    "Vary the phrasing, do not repeat a question, do not mention files or this list of facts, and do not "
+    "Ask about each structure at most once (a later turn must not be answerable by copying an earlier "
+    "one). Vary the phrasing, do not repeat a question, do not mention files or this list of facts, and do not "
     f"write any box outside <ref>..</ref> in the assistant's answers.{other}\n\n"
     'Return only a JSON object {"turns": [{"user": "...", "assistant": "..."}, ...]}.'
   )

@@ -180,6 +180,7 @@ def check_conversation(content: str, facts: ImageFacts, max_turns: int
     return None, "turn structure"
   known = Known(facts)
   out: list[list[str]] = []
+  said: set[tuple[int, ...]] = set()  # boxes of earlier turns: asking about them again is answered by copying
   for t in turns:
     if (not isinstance(t, dict) or set(t) != {"user", "assistant"}
         or not all(isinstance(t[k], str) and t[k].strip() for k in ("user", "assistant"))):
@@ -191,6 +192,10 @@ def check_conversation(content: str, facts: ImageFacts, max_turns: int
     if why:
       return None, why
     q_boxes = parse_boxes(q)
+    boxes = {tuple(b) for b in q_boxes + parse_boxes(a)}
+    if boxes & said:
+      return None, "asks again about an earlier turn's structure"
+    said |= boxes
     if len(q_boxes) == 1 and not parse_boxes(a):
       if not any(_mentions(a, n) for n in known.names_at[q_boxes[0]]):
         return None, "answer does not name the structure at the box"

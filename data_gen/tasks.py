@@ -239,6 +239,7 @@ def conversation(facts: ImageFacts, n_turns: int, rng: np.random.Generator,
   test questions are single turns)."""
   weights = TASK_WEIGHTS if task_weights is None else task_weights
   pool = {t: targets for t, targets in _pool(facts).items() if weights.get(t, 0) > 0}
+  subject = lambda t, x: x if t == "VG" else (None if t == "MII" else facts.objects[x].name)
   turns: list[list[str]] = []
   used: list[str] = []
   for _ in range(n_turns):
@@ -250,10 +251,9 @@ def conversation(facts: ImageFacts, n_turns: int, rng: np.random.Generator,
     target = pool[task].pop(int(rng.integers(len(pool[task]))))
     turns.append(list(make_qa(task, facts, target, rng)))
     used.append(task)
-    if task != "MII":
-      told = target if task == "VG" else facts.objects[target].name
-      pool = {t: [x for x in xs if t == "MII" or (x if t == "VG" else facts.objects[x].name) != told]
-              for t, xs in pool.items()}
+    told = subject(task, target)
+    if told is not None:
+      pool = {t: [x for x in xs if subject(t, x) != told] for t, xs in pool.items()}
   turns[0][0] = image_prefix(facts.image_id) + turns[0][0]
   kind = used[0] if len(set(used)) == 1 else "mixed"
   return turns, kind

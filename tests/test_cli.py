@@ -73,9 +73,8 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   work = tmp_path / "demo"
   small = ["--config=cpu_demo", f"--config.workdir={work}", "--config.data.phantom_cases=8",
            "--config.data.phantom_slices=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-           "--config.eval.max_examples=6",
-           "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24", "--config.train.batch_size=8",
-           "--config.data.curriculum.steps=2"]
+           "--config.eval.max_examples=6", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24",
+           "--config.train.batch_size=8", "--config.data.curriculum.steps=2"]
   # Run from another directory: config names resolve from the installed package.
   r = run(["-m", "bird_jax.train", *small, "--config.train.steps=3"], cwd=tmp_path)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

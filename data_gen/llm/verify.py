@@ -191,12 +191,12 @@ def check_conversation(content: str, facts: ImageFacts, max_turns: int
     why = check_text(q, known, answer=False) or check_text(a, known, answer=True)
     if why:
       return None, why
-    q_boxes = parse_boxes(q)
-    boxes = {tuple(b) for b in q_boxes + parse_boxes(a)}
+    q_boxes, a_boxes = parse_boxes(q), parse_boxes(a)
+    boxes = {tuple(b) for b in q_boxes + a_boxes}
     if boxes & said:
       return None, "asks again about an earlier turn's structure"
     said |= boxes
-    if len(q_boxes) == 1 and not parse_boxes(a):
+    if len(q_boxes) == 1 and not a_boxes:
       if not any(_mentions(a, n) for n in known.names_at[q_boxes[0]]):
         return None, "answer does not name the structure at the box"
     out.append([q, a])

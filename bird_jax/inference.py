@@ -64,17 +64,23 @@ def generate_answers(model, params, tokenizer: Tokenizer, examples: Sequence[dic
 
 
 def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config, train_source: Any, *,
-                     out_dir: Path, split: str = "test") -> dict[str, Any]:
+                     out_dir: Path, split: str = "test", max_examples: int | None = None,
+                     full_report: bool = True) -> dict[str, Any]:
   """Scores config.eval.tasks on the held-out split; writes predictions/metrics under out_dir and returns
-  {"results", "baselines", "table", "summary"}. MII gets config.eval.max_new_tokens_mii (the paper: 100)."""
+  {"results", "baselines", "table", "summary"}. MII gets config.eval.max_new_tokens_mii (the paper: 100).
+
+  max_examples: per task, overriding config.eval.max_examples. full_report=False (the evaluations during
+  training) skips the logged official tables and the HTML gallery.
+  """
+  limit = config.eval.max_examples if max_examples is None else max_examples
   test_source = load_split(str(tfds_dir), split, config.data.builder_config)
   baseline_answers = training_baselines(train_source)
   records_by_task: dict[str, list[dict[str, Any]]] = {}
   baseline_by_task: dict[str, list[dict[str, Any]]] = {}
   for task in config.eval.tasks:
     examples = list(eval_examples(test_source, task))
-    if config.eval.max_examples:
-      examples = examples[:config.eval.max_examples]
+    if limit:
+      examples = examples[:limit]
     if not examples:
       log.warning("no %s records in the test split; skipping", task)
       continue
@@ -94,10 +100,12 @@ def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config
   for task, recs in records_by_task.items():
     E.write_predictions_jsonl(out_dir / f"predictions_{task}.jsonl", recs)
   E.write_results(results, out_dir)
-  log.info("official tables:\n%s", E.format_table(results))
+  if full_report:
+    log.info("official tables:\n%s", E.format_table(results))
   if baselines:
     E.write_results(baselines, out_dir / "baseline")
-  _write_gallery(records_by_task, test_source, out_dir)
+  if full_report:
+    _write_gallery(records_by_task, test_source, out_dir)
   table = format_comparison(results, baselines, baseline_answers)
   summary = {t: {"model": r["mean_nonempty"], "baseline": baselines.get(t, {}).get("mean_nonempty")}
              for t, r in results.items()}

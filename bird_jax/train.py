@@ -298,6 +298,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
       metrics_file.write(json.dumps(record) + "\n")
     progress.set_postfix(loss=f"{record['loss']:.3f}")
 
+  eval_curve: list[dict[str, Any]] = []
+
+  def evaluate_during_training(at_step: int) -> dict[str, Any]:
+    """A quick held-out evaluation (eval.every_max_examples per task), appended to eval_curve.jsonl."""
+    from bird_jax.inference import evaluate_on_test
+
+    point = evaluate_on_test(model, state["params"], data.tokenizer, data.tfds_dir, config, train_source,
+                             out_dir=workdir / "eval" / f"step_{at_step}",
+                             max_examples=config.eval.every_max_examples, full_report=False)
+    record = {"step": at_step, **{task: s["model"] for task, s in point["summary"].items()}}
+    if is_main:
+      with open(workdir / "eval_curve.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+      log.info("step %d held-out: %s", at_step, format_scores(point["summary"]))
+    return record
+
   step = start_step
   stopped_early = False
   with jax.set_mesh(mesh):
@@ -320,6 +336,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
         log.info("stopping at step %d: train.max_minutes=%.1f reached", step, tc.max_minutes)
         stopped_early = True
         break
+      if config.eval.every and step % config.eval.every == 0 and step < tc.steps:
+        t_eval = time.time()
+        eval_curve.append(evaluate_during_training(step))
+        # Held-out evaluation is not training time: neither max_minutes nor the step-time log count it.
+        t_train += time.time() - t_eval
+        t_last += time.time() - t_eval
     if pending is not None:
       report(*pending)
   progress.close()
@@ -343,6 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
     "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
     "train_minutes": round(train_minutes, 2), "total_minutes": round((time.time() - t_start) / 60, 2),
     "params": n_params, "checkpoints": str(ckpt.directory), "eval": results.get("summary", {}),
+    **({"eval_curve": eval_curve} if eval_curve else {}),
   }
   if is_main:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -350,16 +373,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   return summary
 
 
+def format_scores(summary: dict[str, Any]) -> str:
+  """{"VG": {"model": {"recall@0.5": .31}, "baseline": {...}}, ...} -> "VG recall@0.5 0.310 (baseline 0.004), ..."."""
+  parts = []
+  for task, s in summary.items():
+    for metric, value in (s["model"] or {}).items():
+      base = (s.get("baseline") or {}).get(metric)
+      parts.append(f"{task} {metric} {value:.3f}" + (f" (baseline {base:.3f})" if base is not None else ""))
+  return ", ".join(parts)
+
+
 def format_summary(summary: dict[str, Any], results: dict[str, Any]) -> str:
   lines = ["", "=" * 72, f"bird-jax: {summary['config']} done in {summary['total_minutes']} min "
            f"({summary['steps']} steps, {summary['train_minutes']} min training)"]
   if summary["last_loss"] is not None:
     lines.append(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
+  if summary.get("eval_curve"):
+    lines += ["", "held-out during training (eval.every; the first eval.every_max_examples questions per task):"]
+    lines += [f"  step {r['step']:6d}  " + ", ".join(f"{task} {metric} {value:.3f}" for task, scores in r.items()
+                                                   if task != "step" for metric, value in scores.items())
+              for r in summary["eval_curve"]]
   if results.get("table"):
     lines += ["", results["table"]]
   lines += ["", f"outputs in {summary['workdir']}:",
             "  checkpoints/   Orbax checkpoints (resume: rerun the same command)",
             "  metrics.jsonl  per-step loss", "  eval/          predictions, metrics, gallery", "  summary.json",
+            *(["  eval_curve.jsonl  held-out scores during training"] if summary.get("eval_curve") else []),
             "=" * 72]
   return "\n".join(lines)
 

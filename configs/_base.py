@@ -87,4 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 16
   c.eval.max_new_tokens = 80  # the paper's setting for VG, RO and GC
   c.eval.max_new_tokens_mii = 100
+  # Held-out evaluation during training every this many steps (0 = off), on the first every_max_examples
+  # test questions per task (0 = all): scores per step in eval_curve.jsonl and the log.
+  c.eval.every = 0
+  c.eval.every_max_examples = 150
   return c

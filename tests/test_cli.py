@@ -98,12 +98,20 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   losses = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in losses] == [1, 2, 3]
 
-  # Same command with more steps resumes from step 3 instead of starting over.
-  r = run(["-m", "bird_jax.train", *small, "--config.train.steps=5", "--config.eval.at_end=false"], cwd=tmp_path)
+  # Same command with more steps resumes from step 3 instead of starting over; with eval.every it scores
+  # held-out questions during training (step 4 only: the last step is the final evaluation's, off here).
+  r = run(["-m", "bird_jax.train", *small, "--config.train.steps=5", "--config.eval.at_end=false",
+           "--config.eval.every=2", "--config.eval.every_max_examples=2"], cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resumed from" in r.stdout and "at step 3" in r.stdout
   losses = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in losses] == [1, 2, 3, 4, 5]
+  curve = [json.loads(line) for line in (work / "eval_curve.jsonl").read_text().splitlines()]
+  assert [c["step"] for c in curve] == [4] and set(curve[0]) == {"step", "VG", "RO"}
+  assert 0.0 <= curve[0]["VG"]["recall@0.5"] <= 1.0 and 0.0 <= curve[0]["RO"]["accuracy"] <= 1.0
+  assert len((work / "eval" / "step_4" / "predictions_RO.jsonl").read_text().splitlines()) == 2
+  assert "step 4 held-out: VG recall@0.5" in r.stdout + r.stderr
+  assert json.loads((work / "summary.json").read_text())["eval_curve"] == curve
 
   # The eval command restores the newest checkpoint and scores it.
   r = run(["-m", "bird_jax.eval", "--config=cpu_demo", *small[1:], f"--checkpoint={work / 'checkpoints'}",

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from bird_jax import sharding as shd
-from bird_jax.config_util import exit_on_config_error, parse_config_flags
+from bird_jax.config_util import ConfigError, exit_on_config_error, parse_config_flags
 
 log = logging.getLogger("bird_jax")
 
@@ -184,6 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   from bird_jax.model import QwenVL, param_count
   from bird_jax.prepare import prepare
 
+  if not 0.0 <= config.data.curriculum.keep < 1.0:
+    raise ConfigError(f"data.curriculum.keep={config.data.curriculum.keep}: use a fraction in [0, 1)")
   workdir = Path(config.workdir).absolute()
   _setup_logging(workdir)
   t_start = time.time()
@@ -257,6 +259,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   stage = "curriculum" if start_step < curriculum_steps else "main"
   same_stage = bool(data_state) and data_state["stage"] == stage
   batches = open_stream(stage, data_state["iterator"] if same_stage else None)
+  keep = config.data.curriculum.keep if curriculum_steps else 0.0
+  # The first-stage stream the main stage keeps reading from (data.curriculum.keep), with its own position.
+  kept = None
+  if keep and stage == "main":
+    kept = open_stream("curriculum", (data_state or {}).get("kept_iterator"))
   if curriculum_steps:
     log.info("data stages: steps [0, %d) on %s, then %s", curriculum_steps, data.curriculum_tfds_dir, data.tfds_dir)
     if curriculum_steps >= tc.steps:
@@ -276,13 +283,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   t_train = time.time()
   t_last, tokens_since = time.time(), 0.0
 
-  def report(at_step: int, device_metrics: dict[str, jax.Array]) -> None:
+  def report(at_step: int, device_metrics: dict[str, jax.Array], data_set: str) -> None:
     nonlocal t_last, tokens_since
     m = jax.device_get(device_metrics)
     if not math.isfinite(float(m["loss"])):
       raise FloatingPointError(f"loss became {m['loss']} at step {at_step}; lower --config.train.lr")
     tokens_since += float(m["tokens"])
-    record = {"step": at_step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
+    record = {"step": at_step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "data": data_set}
     history.append(record)
     if at_step % tc.log_every == 0 or at_step == 1:
       dt = time.time() - t_last
@@ -319,19 +326,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   with jax.set_mesh(mesh):
     while step < tc.steps:
       if stage == "curriculum" and step >= curriculum_steps:
+        kept = batches if keep else None  # the first-stage stream goes on from where it is
         stage, batches = "main", open_stream("main", None)
-        log.info("step %d: curriculum stage done, training on the main set", step)
-      batch = to_global(next(batches), mesh)
+        log.info("step %d: curriculum stage done, training on the main set%s", step,
+                 f" ({keep:.0%} of the steps still on the first-stage set)" if keep else "")
+      from_kept = kept is not None and reads_kept_set(step, keep)
+      batch = to_global(next(kept if from_kept else batches), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       # Read the previous step's metrics so the host never waits on the step it just dispatched.
       if pending is not None:
         report(*pending)
-      pending = (step, metrics)
+      pending = (step, metrics, "first" if stage == "curriculum" or from_kept else "main")
       progress.update(1)
       out_of_time = tc.max_minutes > 0 and (time.time() - t_train) > tc.max_minutes * 60
       if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time:
-        ckpt.save(step, state, data_state={"stage": stage, "iterator": batches.get_state()}, meta=meta)
+        data_position = {"stage": stage, "iterator": batches.get_state()}
+        if kept is not None:
+          data_position["kept_iterator"] = kept.get_state()
+        ckpt.save(step, state, data_state=data_position, meta=meta)
       if out_of_time and step < tc.steps:
         log.info("stopping at step %d: train.max_minutes=%.1f reached", step, tc.max_minutes)
         stopped_early = True
@@ -371,6 +384,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary, results), flush=True)
   return summary
+
+
+def reads_kept_set(step: int, keep: float) -> bool:
+  """Whether optimizer step `step` (0-based) of the main stage reads the first-stage set: a pure function of
+  the step, `keep` of the steps spread evenly (keep=0.25: every 4th step), so a resumed run picks the same."""
+  return math.floor((step + 1) * keep) > math.floor(step * keep)
 
 
 def format_scores(summary: dict[str, Any]) -> str:

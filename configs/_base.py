@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.curriculum.phantom_task_weights = "VG=1"
   c.data.curriculum.phantom_max_turns = 1
   c.data.curriculum.seq_len = 0  # 0 -> data.seq_len
+  # After the first stage, this fraction of the steps (evenly spread) still reads the first-stage set, so what
+  # it taught is not unlearned on the main set; 0 -> a clean switch.
+  c.data.curriculum.keep = 0.0
 
   c.model = model_config(QwenVLConfig.qwen_vl_chat_7b())
   c.init_from = ""  # a Hugging Face Qwen-VL(-Chat) checkpoint directory; "" -> random init

@@ -66,6 +66,10 @@ def test_curriculum_without_a_first_stage_folder_is_a_one_line_error(tmp_path):
            f"--config.data.curriculum.raw_dir={missing}"], cwd=tmp_path)
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
     f"error: curriculum folder {missing} does not exist; fix --config.data.curriculum.raw_dir"]
+  r = run(["-m", "bird_jax.train", "--config=cpu_demo", f"--config.workdir={tmp_path / 'w'}",
+           "--config.data.curriculum.keep=1.0"], cwd=tmp_path)
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    "error: data.curriculum.keep=1.0: use a fraction in [0, 1)"]
 
 
 @pytest.mark.slow
@@ -96,16 +100,19 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   metrics = json.loads((work / "eval" / "metrics.json").read_text())["results"]
   assert 0.0 <= metrics["VG"]["mean_official"]["recall@0.5"] <= 1.0
   losses = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-  assert [m["step"] for m in losses] == [1, 2, 3]
+  assert [m["step"] for m in losses] == [1, 2, 3] and [m["data"] for m in losses] == ["first", "first", "main"]
 
   # Same command with more steps resumes from step 3 instead of starting over; with eval.every it scores
   # held-out questions during training (step 4 only: the last step is the final evaluation's, off here).
+  # With data.curriculum.keep=0.5 every other main-stage step still reads the first-stage set (step 4 here).
   r = run(["-m", "bird_jax.train", *small, "--config.train.steps=5", "--config.eval.at_end=false",
-           "--config.eval.every=2", "--config.eval.every_max_examples=2"], cwd=tmp_path)
+           "--config.eval.every=2", "--config.eval.every_max_examples=2", "--config.data.curriculum.keep=0.5"],
+          cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resumed from" in r.stdout and "at step 3" in r.stdout
   losses = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in losses] == [1, 2, 3, 4, 5]
+  assert [m["data"] for m in losses] == ["first", "first", "main", "first", "main"]
   curve = [json.loads(line) for line in (work / "eval_curve.jsonl").read_text().splitlines()]
   assert [c["step"] for c in curve] == [4] and set(curve[0]) == {"step", "VG", "RO"}
   assert 0.0 <= curve[0]["VG"]["recall@0.5"] <= 1.0 and 0.0 <= curve[0]["RO"]["accuracy"] <= 1.0

@@ -166,3 +166,12 @@ def test_init_from_a_hugging_face_checkpoint_starts_from_its_weights(fixtures_di
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert all(float(jnp.abs(m).max()) == 0.0 for m in jax.tree.leaves(state["opt_state"]) if m.ndim >= 2)
+
+
+def test_kept_first_stage_steps_are_evenly_spread_and_a_function_of_the_step():
+  from bird_jax.train import reads_kept_set
+
+  picks = [s for s in range(1000) if reads_kept_set(s, 0.25)]
+  assert len(picks) == 250 and set(np.diff(picks)) == {4}
+  assert sum(reads_kept_set(s, 0.1) for s in range(600, 1600)) == 100
+  assert not any(reads_kept_set(s, 0.0) for s in range(1000))

@@ -37,11 +37,8 @@ def raw_dir_for(config: ml_collections.ConfigDict, workdir: Path) -> Path:
                    "or --config.data.source=phantom")
 
 
-def _generate_phantom(raw: Path, config: ml_collections.ConfigDict, *, seed: int, objects: str, max_turns: int,
-                      task_weights: str) -> None:
-  from data_gen.pipeline import generate_dataset
+def _phantom_source(config: ml_collections.ConfigDict, *, seed: int, objects: str):
   from data_gen.sources.phantom import PhantomSource, parse_objects
-  from data_gen.tasks import parse_task_weights
 
   kwargs = {"image_size": config.data.phantom_image_size, "seed": seed}
   if config.data.phantom_cases:
@@ -52,22 +49,51 @@ def _generate_phantom(raw: Path, config: ml_collections.ConfigDict, *, seed: int
     kwargs["min_objects"], kwargs["max_objects"] = parse_objects(objects)
   if config.data.phantom_balance_modalities:
     kwargs["balance_modalities"] = True
-  log.info("generating the phantom Med-GRIT set in %s", raw)
+  return PhantomSource(**kwargs)
+
+
+def ensure_phantom_set(raw: Path, config: ml_collections.ConfigDict, *, seed: int, objects: str, max_turns: int,
+                       task_weights: str) -> Path:
+  """Generates the phantom Med-GRIT set in `raw`, or reuses the one there if it was made with these settings.
+
+  A set made with other settings is refused with a one-line error instead of being trained on silently.
+  """
+  from bird_jax.config_util import ConfigError
+  from data_gen.pipeline import generate_dataset
+  from data_gen.tasks import parse_task_weights
+
+  source = _phantom_source(config, seed=seed, objects=objects)
   weights = parse_task_weights(task_weights) if task_weights else None
-  manifest = generate_dataset(PhantomSource(**kwargs), raw, seed=seed, max_turns=max_turns,
+  want = {"source_params": source.params(), "seed": seed, "max_turns": max_turns,
+          "records_per_image": config.data.phantom_records_per_image}
+  if weights is not None:
+    want["task_weights"] = dict(sorted(weights.items()))
+  manifest_path = raw / "manifest.json"
+  if manifest_path.exists():
+    have = json.loads(manifest_path.read_text()).get("params", {})
+    have_source = have.get("source_params", {})
+    differ = [k for k, v in want.items() if k != "source_params" and have.get(k) != v]
+    differ += [k for k in {**have_source, **want["source_params"]}
+               if have_source.get(k) != want["source_params"].get(k)]
+    if differ:
+      raise ConfigError(f"{raw} holds a phantom set made with other settings ({', '.join(differ)} differ); use a "
+                        "new --config.workdir, or delete that folder and the TFDS folder built from it")
+    return raw
+  log.info("generating the phantom Med-GRIT set in %s", raw)
+  manifest = generate_dataset(source, raw, seed=seed, max_turns=max_turns,
                               records_per_image=config.data.phantom_records_per_image, task_weights=weights)
   log.info("phantom set: %s", json.dumps(manifest.get("counts", {}).get("records", manifest.get("counts", {}))))
+  return raw
 
 
 def ensure_raw_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path:
   raw = raw_dir_for(config, workdir)
-  if (raw / "manifest.json").exists() or (config.data.source != "phantom" and raw.is_dir()):
-    return raw
-  if config.data.source != "phantom":
+  if config.data.source == "phantom":
+    return ensure_phantom_set(raw, config, seed=config.seed, objects=config.data.phantom_objects,
+                              max_turns=config.data.phantom_max_turns, task_weights=config.data.phantom_task_weights)
+  if not raw.is_dir():
     raise FileNotFoundError(f"Med-GRIT folder {raw} does not exist; generate it with `python -m data_gen` "
                             f"or fix --config.data.raw_dir")
-  _generate_phantom(raw, config, seed=config.seed, objects=config.data.phantom_objects,
-                    max_turns=config.data.phantom_max_turns, task_weights=config.data.phantom_task_weights)
   return raw
 
 
@@ -87,11 +113,9 @@ def ensure_curriculum_dataset(config: ml_collections.ConfigDict, workdir: Path) 
   if config.data.source != "phantom":
     raise ConfigError(f"data.curriculum.steps={cur.steps} needs a first-stage folder when data.source is not "
                       "phantom: add --config.data.curriculum.raw_dir=DIR, or --config.data.curriculum.steps=0")
-  raw = workdir / "data" / "med_grit_phantom_curriculum"
-  if not (raw / "manifest.json").exists():
-    _generate_phantom(raw, config, seed=config.seed + 1, objects=cur.phantom_objects,
-                      max_turns=cur.phantom_max_turns, task_weights=cur.phantom_task_weights)
-  return raw
+  return ensure_phantom_set(workdir / "data" / "med_grit_phantom_curriculum", config, seed=config.seed + 1,
+                            objects=cur.phantom_objects, max_turns=cur.phantom_max_turns,
+                            task_weights=cur.phantom_task_weights)
 
 
 def _corpus(raw: Path, system_prompt: str):

@@ -72,6 +72,26 @@ def test_curriculum_without_a_first_stage_folder_is_a_one_line_error(tmp_path):
     "error: data.curriculum.keep=1.0: use a fraction in [0, 1)"]
 
 
+def test_a_phantom_set_made_with_other_settings_is_refused_not_reused(tmp_path):
+  from bird_jax.prepare import ensure_curriculum_dataset, ensure_raw_dataset
+
+  config = get_config("cpu_demo")
+  config.data.phantom_cases, config.data.phantom_slices = 2, 1
+  raw = ensure_curriculum_dataset(config, tmp_path)
+  made = (raw / "manifest.json").stat().st_mtime_ns
+  assert ensure_curriculum_dataset(config, tmp_path) == raw  # same settings: reused as it is
+  assert (raw / "manifest.json").stat().st_mtime_ns == made
+  config.data.curriculum.phantom_task_weights = "VG=1,RO=1"
+  with pytest.raises(ConfigError, match=r"^\S+med_grit_phantom_curriculum holds a phantom set made with other "
+                                        r"settings \(task_weights differ\); use a new --config.workdir"):
+    ensure_curriculum_dataset(config, tmp_path)
+  ensure_raw_dataset(config, tmp_path)
+  config.data.phantom_objects, config.data.phantom_slices = "1,2", 2
+  with pytest.raises(ConfigError, match=r"\((slices_per_case|min_objects|max_objects)(, (slices_per_case|"
+                                        r"min_objects|max_objects)){2} differ\)"):
+    ensure_raw_dataset(config, tmp_path)
+
+
 @pytest.mark.slow
 def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   work = tmp_path / "demo"

@@ -100,11 +100,10 @@ def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config
   for task, recs in records_by_task.items():
     E.write_predictions_jsonl(out_dir / f"predictions_{task}.jsonl", recs)
   E.write_results(results, out_dir)
-  if full_report:
-    log.info("official tables:\n%s", E.format_table(results))
   if baselines:
     E.write_results(baselines, out_dir / "baseline")
   if full_report:
+    log.info("official tables:\n%s", E.format_table(results))
     _write_gallery(records_by_task, test_source, out_dir)
   table = format_comparison(results, baselines, baseline_answers)
   summary = {t: {"model": r["mean_nonempty"], "baseline": baselines.get(t, {}).get("mean_nonempty")}

@@ -314,11 +314,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
     point = evaluate_on_test(model, state["params"], data.tokenizer, data.tfds_dir, config, train_source,
                              out_dir=workdir / "eval" / f"step_{at_step}",
                              max_examples=config.eval.every_max_examples, full_report=False)
-    record = {"step": at_step, **{task: s["model"] for task, s in point["summary"].items()}}
+    scores = {task: s["model"] for task, s in point["summary"].items()}
+    record = {"step": at_step, **scores}
     if is_main:
       with open(workdir / "eval_curve.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-      log.info("step %d held-out: %s", at_step, format_scores(point["summary"]))
+      baselines = {task: s["baseline"] for task, s in point["summary"].items()}
+      log.info("step %d held-out: %s", at_step, format_scores(scores, baselines))
     return record
 
   step = start_step
@@ -353,8 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
         t_eval = time.time()
         eval_curve.append(evaluate_during_training(step))
         # Held-out evaluation is not training time: neither max_minutes nor the step-time log count it.
-        t_train += time.time() - t_eval
-        t_last += time.time() - t_eval
+        spent = time.time() - t_eval
+        t_train, t_last = t_train + spent, t_last + spent
     if pending is not None:
       report(*pending)
   progress.close()
@@ -392,12 +394,12 @@ def reads_kept_set(step: int, keep: float) -> bool:
   return math.floor((step + 1) * keep) > math.floor(step * keep)
 
 
-def format_scores(summary: dict[str, Any]) -> str:
-  """{"VG": {"model": {"recall@0.5": .31}, "baseline": {...}}, ...} -> "VG recall@0.5 0.310 (baseline 0.004), ..."."""
+def format_scores(scores: dict[str, dict[str, float]], baselines: dict[str, Any] | None = None) -> str:
+  """{"VG": {"recall@0.5": .31}, ...} (and the baselines' scores alike) -> "VG recall@0.5 0.310 (baseline 0.004)"."""
   parts = []
-  for task, s in summary.items():
-    for metric, value in (s["model"] or {}).items():
-      base = (s.get("baseline") or {}).get(metric)
+  for task, metrics in scores.items():
+    for metric, value in (metrics or {}).items():
+      base = ((baselines or {}).get(task) or {}).get(metric)
       parts.append(f"{task} {metric} {value:.3f}" + (f" (baseline {base:.3f})" if base is not None else ""))
   return ", ".join(parts)
 
@@ -409,8 +411,7 @@ def format_summary(summary: dict[str, Any], results: dict[str, Any]) -> str:
     lines.append(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
   if summary.get("eval_curve"):
     lines += ["", "held-out during training (eval.every; the first eval.every_max_examples questions per task):"]
-    lines += [f"  step {r['step']:6d}  " + ", ".join(f"{task} {metric} {value:.3f}" for task, scores in r.items()
-                                                   if task != "step" for metric, value in scores.items())
+    lines += [f"  step {r['step']:6d}  " + format_scores({k: v for k, v in r.items() if k != "step"})
               for r in summary["eval_curve"]]
   if results.get("table"):
     lines += ["", results["table"]]

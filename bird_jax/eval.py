@@ -12,7 +12,8 @@ The task of a record is its `task` field, else --task, else a VG/RO/GC/MII tag i
 (processed responses and per-sample IoU / correctness); with --gallery_images also DIR/gallery/index.html.
 
 Model-running mode restores a training checkpoint, generates greedily (max_new_tokens 80, 100 for MII) and
-scores config.eval.tasks, next to the mean-box / majority-class baselines of the training split:
+scores config.eval.tasks, next to the image-blind baselines of the training split: constant answers (the mean
+box, the majority class) and the class prior (the named class's mean box; the class whose mean box is nearest):
 
   python -m bird_jax.eval --config=cpu_demo --checkpoint=runs/cpu_demo/checkpoints [--split=test]
       [--config.eval.tasks="('VG','RO','GC','MII')"] [--out DIR]

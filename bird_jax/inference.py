@@ -16,26 +16,47 @@ import numpy as np
 from bird_jax import eval as E
 from bird_jax import metrics as M
 from bird_jax.data.image import preprocess_image
-from bird_jax.data.pipeline import as_turn_pairs, eval_examples, load_split
+from bird_jax.data.pipeline import as_text, as_turn_pairs, eval_examples, load_split
 from bird_jax.tokenizer import Tokenizer, chat_prompt_ids
 
 log = logging.getLogger("bird_jax")
 
-def training_baselines(train_source: Any) -> dict[str, str]:
-  """The answers a model that ignores the image would give: the mean training box (class-agnostic) for VG
-  and the most frequent training class for RO, over the training turns of those tasks."""
+def training_baselines(train_source: Any) -> tuple[dict[str, str], M.ClassPrior | None]:
+  """What a model that ignores the image would answer, from the training split's VG and RO turns:
+  - constant answers: the mean training box (class-agnostic) for VG, the most frequent class for RO;
+  - the class prior (reads the question, not the image): the named class's mean box for VG, the class of the
+    image's modality whose mean box centre is nearest the asked box for RO. None without VG/RO turns."""
   from data_gen.tasks import classify_turn
 
   answers: dict[str, list[str]] = {"VG": [], "RO": []}
+  labelled: list[tuple[str, str, M.Box]] = []
   for i in range(len(train_source)):
-    for user, answer in as_turn_pairs(train_source[i]["conversations"]):
+    record = train_source[i]
+    modality = as_text(record["modality"])
+    for user, answer in as_turn_pairs(record["conversations"]):
       task = classify_turn(user, answer)
-      if task in answers:
-        answers[task].append(answer)
-  return {
+      if task not in answers:
+        continue
+      answers[task].append(answer)
+      boxes = [b for b in M.parse_boxes(answer if task == "VG" else user, fallback=False) if b is not None]
+      name = (M.REF_PATTERN.findall(answer) or [""])[0] if task == "VG" else answer
+      if boxes and name.strip():
+        labelled.append((modality, name, boxes[0]))
+  constant = {
     "VG": M.mean_box_baseline(answers["VG"]) if answers["VG"] else "",
     "RO": M.most_frequent_class_baseline(answers["RO"]) if answers["RO"] else "",
   }
+  return constant, (M.class_prior(labelled) if labelled else None)
+
+
+def prior_answer(task: str, example: dict[str, Any], prior: M.ClassPrior | None) -> str:
+  if prior is None:
+    return ""
+  if task == "VG":
+    return M.class_prior_vg_answer(example["question"], prior)
+  if task == "RO":
+    return M.class_prior_ro_answer(example["question"], example["modality"], prior)
+  return ""
 
 
 def _batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -74,9 +95,10 @@ def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config
   """
   limit = config.eval.max_examples if max_examples is None else max_examples
   test_source = load_split(str(tfds_dir), split, config.data.builder_config)
-  baseline_answers = training_baselines(train_source)
+  baseline_answers, prior = training_baselines(train_source)
   records_by_task: dict[str, list[dict[str, Any]]] = {}
   baseline_by_task: dict[str, list[dict[str, Any]]] = {}
+  prior_by_task: dict[str, list[dict[str, Any]]] = {}
   for task in config.eval.tasks:
     examples = list(eval_examples(test_source, task))
     if limit:
@@ -94,21 +116,28 @@ def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config
        "response": ans, "task": task} for ex, ans in zip(examples, answers, strict=True)]
     if baseline_answers.get(task):
       baseline_by_task[task] = [dict(r, response=baseline_answers[task]) for r in records_by_task[task]]
+    if task in ("VG", "RO") and prior is not None:
+      prior_by_task[task] = [dict(r, response=prior_answer(task, ex, prior))
+                             for ex, r in zip(examples, records_by_task[task], strict=True)]
   out_dir.mkdir(parents=True, exist_ok=True)
   results = {t: E.score_predictions(recs, t) for t, recs in records_by_task.items()}
   baselines = {t: E.score_predictions(recs, t) for t, recs in baseline_by_task.items()}
+  priors = {t: E.score_predictions(recs, t) for t, recs in prior_by_task.items()}
   for task, recs in records_by_task.items():
     E.write_predictions_jsonl(out_dir / f"predictions_{task}.jsonl", recs)
   E.write_results(results, out_dir)
   if baselines:
     E.write_results(baselines, out_dir / "baseline")
+  if priors:
+    E.write_results(priors, out_dir / "baseline_class_prior")
   if full_report:
     log.info("official tables:\n%s", E.format_table(results))
     _write_gallery(records_by_task, test_source, out_dir)
-  table = format_comparison(results, baselines, baseline_answers)
-  summary = {t: {"model": r["mean_nonempty"], "baseline": baselines.get(t, {}).get("mean_nonempty")}
+  table = format_comparison(results, baselines, baseline_answers, priors)
+  summary = {t: {"model": r["mean_nonempty"], "baseline": baselines.get(t, {}).get("mean_nonempty"),
+                 "class_prior": priors.get(t, {}).get("mean_nonempty")}
              for t, r in results.items()}
-  return {"results": results, "baselines": baselines, "table": table, "summary": summary}
+  return {"results": results, "baselines": baselines, "class_prior": priors, "table": table, "summary": summary}
 
 
 def _write_gallery(records_by_task: dict[str, list[dict[str, Any]]], test_source: Any, out_dir: Path) -> None:
@@ -123,25 +152,35 @@ def _write_gallery(records_by_task: dict[str, list[dict[str, Any]]], test_source
                   max_samples=48)
 
 
-def format_comparison(results: dict[str, Any], baselines: dict[str, Any], baseline_answers: dict[str, str]) -> str:
-  """Per-modality model vs baseline, for the modalities present in the test split."""
+def format_comparison(results: dict[str, Any], baselines: dict[str, Any], baseline_answers: dict[str, str],
+                      priors: dict[str, Any] | None = None) -> str:
+  """Per-modality model vs the constant baseline (and the class prior where scored), for the modalities
+  present in the test split."""
+  priors = priors or {}
+
+  def cell(scores: dict[str, Any] | None, key: str, metric: str, modality: str | None = None) -> str:
+    if not scores:
+      return ""
+    row = scores["per_modality"][modality] if modality else scores[key]
+    value = row.get(metric)
+    return f"{float('nan') if value is None else value:>10.3f}"
+
   lines = []
   for task, r in results.items():
     metric = M.VG_METRIC if task == "VG" else M.RO_METRIC if task == "RO" else "CIDEr"
-    b = baselines.get(task)
-    lines.append(f"{task} {metric} on held-out cases (baseline: always answer {baseline_answers.get(task)!r})")
-    lines.append(f"  {'modality':<12}{'n':>6}{'model':>10}{'baseline':>10}")
+    b, p = baselines.get(task), priors.get(task)
+    lines.append(f"{task} {metric} on held-out cases (baseline: always answer {baseline_answers.get(task)!r}"
+                 + ("; class prior: " + ("the named class's mean training box" if task == "VG" else
+                                         "the class whose mean training box is nearest") if p else "") + ")")
+    lines.append(f"  {'modality':<12}{'n':>6}{'model':>10}{'baseline':>10}" + (f"{'prior':>10}" if p else ""))
     for m in M.MODALITIES:
       row = r["per_modality"][m]
       if row["n"]:
-        base = b["per_modality"][m].get(metric) if b else None
-        base = float("nan") if base is None else base
-        lines.append(f"  {m:<12}{row['n']:>6}{row[metric]:>10.3f}{base:>10.3f}")
-    mean_model = r["mean_nonempty"].get(metric)
-    mean_base = b["mean_nonempty"].get(metric) if b else None
-    mean_base = float("nan") if mean_base is None else mean_base
-    lines.append(f"  {'mean*':<12}{'':>6}{mean_model:>10.3f}{mean_base:>10.3f}"
-                 f"   (*over the modalities present; the official 8-modality mean is in eval/metrics.json)")
+        lines.append(f"  {m:<12}{row['n']:>6}{row[metric]:>10.3f}" + (cell(b, "", metric, m) or f"{'nan':>10}")
+                     + cell(p, "", metric, m))
+    lines.append(f"  {'mean*':<12}{'':>6}{cell(r, 'mean_nonempty', metric)}"
+                 + (cell(b, "mean_nonempty", metric) or f"{'nan':>10}") + cell(p, "mean_nonempty", metric)
+                 + "   (*over the modalities present; the official 8-modality mean is in eval/metrics.json)")
   return "\n".join(lines)
 
 

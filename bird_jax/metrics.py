@@ -433,3 +433,51 @@ def most_frequent_class_baseline(train_answers: Iterable[str]) -> str:
   if not counts:
     raise ValueError("most_frequent_class_baseline: no non-empty training answers given")
   return counts.most_common(1)[0][0]
+
+
+# An image-blind baseline that does read the question: what a model answering from the layout prior of each
+# class alone would score. On data where classes sit in fixed places (real anatomy, the phantom's
+# "anatomical" layout) it is the bar that says whether the image was used.
+REF_PATTERN = re.compile(r"<ref>(.*?)</ref>")
+
+
+class ClassPrior(NamedTuple):
+  """Mean training box per class (for VG) and per (modality, class) (for RO)."""
+
+  by_class: dict[str, Box]
+  by_modality: dict[str, dict[str, Box]]
+
+
+def class_prior(labelled_boxes: Iterable[tuple[str, str, Box]]) -> ClassPrior:
+  """(modality, class name, box) triples from the training split -> ClassPrior."""
+  sums: dict[tuple[str, str], list[Box]] = {}
+  for modality, name, box in labelled_boxes:
+    sums.setdefault((modality, name.strip().lower()), []).append(box)
+  by_modality: dict[str, dict[str, Box]] = {}
+  by_class: dict[str, list[Box]] = {}
+  for (modality, name), boxes in sums.items():
+    by_modality.setdefault(modality, {})[name] = mean_box(boxes)
+    by_class.setdefault(name, []).extend(boxes)
+  return ClassPrior({name: mean_box(boxes) for name, boxes in by_class.items()}, by_modality)
+
+
+def class_prior_vg_answer(question: str, prior: ClassPrior) -> str:
+  """The mean training box of the class the question names (the longest class name in it), as a VG answer;
+  "" if it names none."""
+  text = question.lower()
+  named = [n for n in prior.by_class if re.search(rf"(?<![a-z]){re.escape(n)}(?![a-z])", text)]
+  if not named:
+    return ""
+  name = max(named, key=len)
+  return f"<ref>{name}</ref>{format_box(prior.by_class[name])}"
+
+
+def class_prior_ro_answer(question: str, modality: str, prior: ClassPrior) -> str:
+  """The class of `modality` whose mean training box centre is nearest the centre of the question's box."""
+  boxes = [b for b in parse_boxes(question, fallback=False) if b is not None]
+  classes = prior.by_modality.get(modality) or {}
+  if not boxes or not classes:
+    return ""
+  cx, cy = (boxes[0][0] + boxes[0][2]) / 2, (boxes[0][1] + boxes[0][3]) / 2
+  return min(classes, key=lambda n: ((classes[n][0] + classes[n][2]) / 2 - cx) ** 2
+             + ((classes[n][1] + classes[n][3]) / 2 - cy) ** 2)

@@ -49,6 +49,10 @@ def _phantom_source(config: ml_collections.ConfigDict, *, seed: int, objects: st
     kwargs["min_objects"], kwargs["max_objects"] = parse_objects(objects)
   if config.data.phantom_balance_modalities:
     kwargs["balance_modalities"] = True
+  if config.data.phantom_texture:
+    kwargs["texture_amplitude"] = config.data.phantom_texture
+  if config.data.phantom_layout != "random":
+    kwargs["layout"] = config.data.phantom_layout
   return PhantomSource(**kwargs)
 
 

@@ -320,7 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
       with open(workdir / "eval_curve.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
       baselines = {task: s["baseline"] for task, s in point["summary"].items()}
-      log.info("step %d held-out: %s", at_step, format_scores(scores, baselines))
+      priors = {task: s["class_prior"] for task, s in point["summary"].items()}
+      log.info("step %d held-out: %s", at_step, format_scores(scores, baselines, priors))
     return record
 
   step = start_step
@@ -394,13 +395,16 @@ def reads_kept_set(step: int, keep: float) -> bool:
   return math.floor((step + 1) * keep) > math.floor(step * keep)
 
 
-def format_scores(scores: dict[str, dict[str, float]], baselines: dict[str, Any] | None = None) -> str:
-  """{"VG": {"recall@0.5": .31}, ...} (and the baselines' scores alike) -> "VG recall@0.5 0.310 (baseline 0.004)"."""
+def format_scores(scores: dict[str, dict[str, float]], baselines: dict[str, Any] | None = None,
+                  priors: dict[str, Any] | None = None) -> str:
+  """{"VG": {"recall@0.5": .31}, ...} (and the baselines' scores alike) ->
+  "VG recall@0.5 0.310 (baseline 0.004, class prior 0.110)"."""
   parts = []
   for task, metrics in scores.items():
     for metric, value in (metrics or {}).items():
-      base = ((baselines or {}).get(task) or {}).get(metric)
-      parts.append(f"{task} {metric} {value:.3f}" + (f" (baseline {base:.3f})" if base is not None else ""))
+      refs = [f"{label} {v:.3f}" for label, table in (("baseline", baselines), ("class prior", priors))
+              if (v := ((table or {}).get(task) or {}).get(metric)) is not None]
+      parts.append(f"{task} {metric} {value:.3f}" + (f" ({', '.join(refs)})" if refs else ""))
   return ", ".join(parts)
 
 

@@ -32,7 +32,8 @@ def _build_source(args: argparse.Namespace):
     lo, hi = parse_objects(args.objects)
     return PhantomSource(num_cases=args.num_cases, image_size=args.image_size, seed=args.seed,
                          modalities=mods, slices_per_case=args.slices_per_case, min_objects=lo, max_objects=hi,
-                         balance_modalities=args.balance_modalities)
+                         balance_modalities=args.balance_modalities, layout=args.layout,
+                         texture_amplitude=args.texture)
   if args.source in ("sam_med2d", "png_folder"):
     if not args.root:
       raise SystemExit(f"--source {args.source} needs --root DIR (the dataset folder to read)")
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--num-cases", type=int, default=150, help="phantom: cases per modality")
   p.add_argument("--image-size", type=int, default=128, help="phantom: image side in pixels")
   p.add_argument("--slices-per-case", type=int, default=None, help="phantom: slices per ct/mr case (6)")
+  p.add_argument("--layout", default="random",
+                 help="phantom: random (a structure anywhere in the body) | anatomical (each class around its home)")
+  p.add_argument("--texture", type=float, default=0.0,
+                 help="phantom: grey-level amplitude of each class's stripe/checker texture (0: flat structures)")
   p.add_argument("--objects", default="2,4", help="phantom: MIN,MAX labelled structures per image (2,4)")
   p.add_argument("--balance-modalities", action="store_true",
                  help="phantom: more cases for 1-slice modalities (x-ray) so each gives about as many images")

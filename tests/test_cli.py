@@ -90,6 +90,10 @@ def test_a_phantom_set_made_with_other_settings_is_refused_not_reused(tmp_path):
   with pytest.raises(ConfigError, match=r"\((slices_per_case|min_objects|max_objects)(, (slices_per_case|"
                                         r"min_objects|max_objects)){2} differ\)"):
     ensure_raw_dataset(config, tmp_path)
+  config.data.phantom_objects, config.data.phantom_slices = "", 0
+  config.data.phantom_layout, config.data.phantom_texture = "anatomical", 30.0
+  with pytest.raises(ConfigError, match=r"[(,] ?layout, home_jitter, texture_amplitude differ\)"):
+    ensure_raw_dataset(config, tmp_path)
 
 
 @pytest.mark.slow
@@ -105,6 +109,10 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   assert "VG recall@0.5 on held-out cases" in r.stdout and "RO accuracy on held-out cases" in r.stdout
   summary = json.loads((work / "summary.json").read_text())
   assert summary["steps"] == 3 and set(summary["eval"]) == {"VG", "RO"}
+  # next to the constant baselines, the class prior (reads the question, not the image) is scored and saved
+  assert {"model", "baseline", "class_prior"} <= set(summary["eval"]["VG"])
+  assert 0.0 <= summary["eval"]["RO"]["class_prior"]["accuracy"] <= 1.0
+  assert (work / "eval" / "baseline_class_prior" / "metrics.json").is_file()
   assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
   assert (work / "tfds" / "med_grit" / "generated" / "1.0.0").is_dir()
   main_set = json.loads((work / "data" / "med_grit_phantom" / "manifest.json").read_text())["params"]

@@ -121,3 +121,57 @@ def test_bad_arguments_raise_one_line():
     PhantomSource(modalities=("ct", "xyz"))
   with pytest.raises(ValueError, match="image_size"):
     PhantomSource(image_size=8)
+
+
+def test_anatomical_layout_puts_each_class_around_its_home():
+  size, jitter = 128, 0.12
+  src = PhantomSource(num_cases=30, image_size=size, seed=3, layout="anatomical", home_jitter=jitter,
+                      slices_per_case=1)
+  homes = {c.name: c.home for spec in SPECS.values() for c in spec.classes}
+  offsets, sizes = [], []
+  for s in src:
+    union = np.zeros((size, size), int)
+    for inst in s.instances:
+      union += inst.mask
+      x0, y0, x1, y1 = mask_extents(inst.mask)
+      hy, hx = homes[inst.label]
+      # The centre is the home +- jitter, unless clipping at the border pushed the box inwards.
+      offsets.append((((y0 + y1) / 2 + 0.5) / size - hy, ((x0 + x1) / 2 + 0.5) / size - hx))
+      sizes.append((x1 - x0 + 1) / size)
+    assert union.max() == 1  # still non-overlapping
+  off = np.abs(np.array(offsets))
+  assert np.mean(off.max(axis=1) <= jitter + 0.02) > 0.97, off.max(axis=0)
+  assert off.max(axis=0).min() > 0.08  # the jitter is used, not a fixed place
+  assert np.std(sizes) > 0.05  # sizes still vary: the box cannot be read off the class
+  assert src.params()["layout"] == "anatomical"
+  assert "layout" not in PhantomSource().params()  # sets made before the option keep their parameters
+
+
+def test_random_layout_is_unchanged_by_the_layout_option():
+  a = PhantomSource(num_cases=3, image_size=64, seed=4)
+  b = PhantomSource(num_cases=3, image_size=64, seed=4, layout="random", home_jitter=0.3)
+  assert _signature(list(a)) == _signature(list(b))
+  with pytest.raises(ValueError, match="layout 'grid' is unknown"):
+    PhantomSource(layout="grid")
+
+
+def test_textures_are_unique_per_class_and_keep_the_grey_level():
+  from data_gen.sources.phantom import DEFAULT_MODALITIES, TEXTURES
+
+  kinds = {(TEXTURES[i % len(TEXTURES)], SPECS[m].texture_cycles)
+           for m in DEFAULT_MODALITIES for i in range(len(SPECS[m].classes))}
+  assert len(kinds) == sum(len(SPECS[m].classes) for m in DEFAULT_MODALITIES)  # no two classes share one
+  flat = PhantomSource(num_cases=4, image_size=128, seed=5, slices_per_case=1)
+  assert _signature(list(flat)) == _signature(list(PhantomSource(num_cases=4, image_size=128, seed=5,
+                                                                 slices_per_case=1, texture_amplitude=0.0)))
+  textured = PhantomSource(num_cases=4, image_size=128, seed=5, slices_per_case=1, texture_amplitude=40)
+  levels = {c.name: c.level for spec in SPECS.values() for c in spec.classes}
+  for a, b in zip(flat, textured, strict=True):
+    assert [i.label for i in a.instances] == [i.label for i in b.instances]
+    for fi, ti in zip(a.instances, b.instances, strict=True):
+      assert np.array_equal(fi.mask, ti.mask)  # same layout and boxes: only the inside changes
+      inside = b.image[ti.mask].astype(np.float32)
+      if 45 <= levels[ti.label] <= 210 and ti.mask.sum() > 100:  # no clipping at 0 / 255
+        assert inside.std() > 20 > a.image[fi.mask].astype(np.float32).std(), ti.label
+        assert abs(inside.mean() - levels[ti.label]) < 12, ti.label  # the mean grey level stays the class's
+  assert textured.params()["texture_amplitude"] == 40 and "texture_amplitude" not in flat.params()

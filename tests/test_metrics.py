@@ -416,3 +416,21 @@ def test_baselines():
     M.mean_box_baseline(["no boxes"])
   r = M.score_samples([(CT, "liver", "liver"), (MR, "lung", "liver")], "ro")
   assert r["per_modality"]["ct"]["accuracy"] == 1.0 and r["per_modality"]["mr"]["accuracy"] == 0.0
+
+
+def test_class_prior_baselines_read_the_question_not_the_image():
+  prior = M.class_prior([
+    ("ct", "Liver", (100, 100, 300, 300)), ("ct", "liver", (200, 200, 400, 400)),
+    ("ct", "left kidney", (600, 600, 800, 800)), ("us", "kidney", (0, 0, 100, 100)),
+  ])
+  assert prior.by_class["liver"] == (150, 150, 350, 350)
+  # the longest class name the question holds wins ("left kidney", not "kidney"); whole words only
+  left = "<ref>left kidney</ref><box>(600,600),(800,800)</box>"
+  assert M.class_prior_vg_answer("Where is the left kidney?", prior) == left
+  assert M.class_prior_vg_answer("Where is the kidney?", prior).startswith("<ref>kidney</ref>")
+  assert M.class_prior_vg_answer("Where is the deliverable?", prior) == ""
+  # RO: the nearest mean-box centre among the classes seen with that modality
+  assert M.class_prior_ro_answer("What is at <box>(550,650),(750,700)</box>?", "ct", prior) == "left kidney"
+  assert M.class_prior_ro_answer("What is at <box>(0,0),(90,90)</box>?", "ct", prior) == "liver"
+  assert M.class_prior_ro_answer("What is at <box>(0,0),(90,90)</box>?", "us", prior) == "kidney"
+  assert M.class_prior_ro_answer("What is at <box>(0,0),(90,90)</box>?", "mr", prior) == ""

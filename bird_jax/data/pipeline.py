@@ -48,7 +48,7 @@ STATS: collections.Counter[str] = collections.Counter()
 _IMG_RE = re.compile(r"<img>.*?</img>", re.DOTALL)
 
 
-def _text(x: Any) -> str:
+def as_text(x: Any) -> str:
   return x.decode("utf-8") if isinstance(x, bytes | bytearray) else str(x)
 
 
@@ -116,7 +116,7 @@ class TokenizeRecord(grain.transforms.Map):
     self.tokenizer, self.seq_len, self.system, self.loss_on = tokenizer, seq_len, system, loss_on
 
   def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
-    rid = _text(record.get("id", b"?"))
+    rid = as_text(record.get("id", b"?"))
     fit, info = tokenize_record(record, self.tokenizer, self.seq_len, self.system, self.loss_on)
     if fit is None:
       STATS["dropped_too_long"] += 1
@@ -350,9 +350,9 @@ def eval_examples(data_source: Any, task: str | None = None) -> Iterator[dict[st
   `<img>` span), reference (first assistant turn) and image (uint8 HxWx3)."""
   for i in range(len(data_source)):
     r = data_source[i]
-    rtask = _text(r["task"])
+    rtask = as_text(r["task"])
     if task is not None and rtask != task:
       continue
     (question, reference), *_ = as_turn_pairs(r["conversations"])
-    yield {"id": _text(r["id"]), "modality": _text(r["modality"]), "task": rtask, "question": question,
+    yield {"id": as_text(r["id"]), "modality": as_text(r["modality"]), "task": rtask, "question": question,
            "reference": reference, "image": decode_image(r["image"])}

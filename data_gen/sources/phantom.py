@@ -40,6 +40,7 @@ class PhantomClass:
   name: str
   shape: str
   level: int | tuple[int, int, int]  # grey level, or RGB for colour modalities
+  home: tuple[float, float] = (0.5, 0.5)  # (row, col) centre as a fraction of the side, for layout="anatomical"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ModalitySpec:
   sigma: float
   classes: tuple[PhantomClass, ...]
   dataset: str = "Phantom"
+  texture_cycles: int = 16  # texture period = image side / texture_cycles: each modality its own scale
 
 
 # Grey levels are >= 30 apart from each other and from the body, noise sigma <= 7, per-case jitter small:
@@ -60,53 +62,85 @@ SPECS: dict[str, ModalitySpec] = {
   "ct": ModalitySpec(
     slices=6, plane="axial", background=0, body=85, noise="gaussian", sigma=6.0,
     classes=(
-      PhantomClass("liver", "ellipse", 170),
-      PhantomClass("spleen", "triangle", 130),
-      PhantomClass("left kidney", "ring", 205),
-      PhantomClass("right kidney", "diamond", 240),
-      PhantomClass("aorta", "rectangle", 30),
+      PhantomClass("liver", "ellipse", 170, home=(0.38, 0.28)),
+      PhantomClass("spleen", "triangle", 130, home=(0.36, 0.72)),
+      PhantomClass("left kidney", "ring", 205, home=(0.68, 0.70)),
+      PhantomClass("right kidney", "diamond", 240, home=(0.68, 0.30)),
+      PhantomClass("aorta", "rectangle", 30, home=(0.56, 0.50)),
     ),
+    texture_cycles=16,
   ),
   "mr": ModalitySpec(
     slices=6, plane="axial", background=5, body=60, noise="rician", sigma=6.0,
     classes=(
-      PhantomClass("left ventricle", "ellipse", 235),
-      PhantomClass("right ventricle", "triangle", 175),
-      PhantomClass("myocardium", "ring", 120),
-      PhantomClass("left atrium", "rectangle", 205),
-      PhantomClass("right atrium", "cross", 145),
+      PhantomClass("left ventricle", "ellipse", 235, home=(0.64, 0.68)),
+      PhantomClass("right ventricle", "triangle", 175, home=(0.64, 0.30)),
+      PhantomClass("myocardium", "ring", 120, home=(0.50, 0.50)),
+      PhantomClass("left atrium", "rectangle", 205, home=(0.32, 0.68)),
+      PhantomClass("right atrium", "cross", 145, home=(0.32, 0.30)),
     ),
+    texture_cycles=11,
   ),
   "x": ModalitySpec(
     slices=1, plane="frontal", background=10, body=150, noise="gaussian", sigma=5.0,
     classes=(
-      PhantomClass("left lung", "ellipse", 55),
-      PhantomClass("right lung", "triangle", 95),
-      PhantomClass("heart", "ring", 205),
-      PhantomClass("trachea", "rectangle", 20),
-      PhantomClass("spine", "diamond", 245),
+      PhantomClass("left lung", "ellipse", 55, home=(0.42, 0.74)),
+      PhantomClass("right lung", "triangle", 95, home=(0.42, 0.26)),
+      PhantomClass("heart", "ring", 205, home=(0.70, 0.62)),
+      PhantomClass("trachea", "rectangle", 20, home=(0.18, 0.50)),
+      PhantomClass("spine", "diamond", 245, home=(0.72, 0.36)),
     ),
+    texture_cycles=8,
   ),
   "ultrasound": ModalitySpec(
     slices=1, plane="transverse", background=0, body=70, noise="speckle", sigma=0.12,
     classes=(
-      PhantomClass("gallbladder", "ellipse", 15),
-      PhantomClass("kidney", "ring", 150),
-      PhantomClass("liver lesion", "diamond", 200),
-      PhantomClass("nerve", "triangle", 250),
+      PhantomClass("gallbladder", "ellipse", 15, home=(0.34, 0.32)),
+      PhantomClass("kidney", "ring", 150, home=(0.66, 0.68)),
+      PhantomClass("liver lesion", "diamond", 200, home=(0.34, 0.68)),
+      PhantomClass("nerve", "triangle", 250, home=(0.66, 0.32)),
     ),
+    texture_cycles=13,
   ),
   "fundus": ModalitySpec(
     slices=1, plane="posterior pole", background=(0, 0, 0), body=(170, 70, 30), noise="gaussian", sigma=5.0,
     classes=(
-      PhantomClass("optic disc", "ellipse", (250, 230, 150)),
-      PhantomClass("macula", "diamond", (90, 30, 15)),
-      PhantomClass("hemorrhage", "triangle", (120, 10, 10)),
-      PhantomClass("exudate", "rectangle", (240, 220, 60)),
+      PhantomClass("optic disc", "ellipse", (250, 230, 150), home=(0.50, 0.28)),
+      PhantomClass("macula", "diamond", (90, 30, 15), home=(0.50, 0.62)),
+      PhantomClass("hemorrhage", "triangle", (120, 10, 10), home=(0.26, 0.56)),
+      PhantomClass("exudate", "rectangle", (240, 220, 60), home=(0.74, 0.56)),
     ),
+    texture_cycles=10,
   ),
 }
 DEFAULT_MODALITIES = ("ct", "mr", "x")
+# "random": a structure may sit anywhere in the body, so naming one means finding it by its look among 2-4
+# others. "anatomical": each class sits around its own home (`PhantomClass.home` +- home_jitter of the side,
+# size still random), as organs do in real scans; the box still has to be read from the image.
+LAYOUTS = ("random", "anatomical")
+# Texture of the i-th class of a modality (with texture_amplitude > 0): stripes in four orientations or a
+# checkerboard, with a period of its own per modality (`ModalitySpec.texture_cycles`), so no two classes of the
+# default modalities share a texture: grey levels alone repeat across modalities (CT spleen 130, MR myocardium
+# 120), and a tiny model mixes up CT and MR long before it learns to tell them by the body's grey level. Why: Qwen-VL's patch embedding has no bias and LayerNorm follows it, so a
+# flat patch's grey level survives only as the length of one fixed vector, which the norm removes; at init
+# the patch features of liver (170), left kidney (205) and right kidney (240) have cosine 0.96-0.996. A
+# texture is a direction the norm keeps, as parenchyma patterns are in real scans.
+TEXTURES = ("horizontal", "vertical", "diagonal", "antidiagonal", "checker")
+
+
+def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: float, phase: float) -> np.ndarray:
+  w = 2 * np.pi / period
+  if kind == "horizontal":
+    return np.sin(w * yy + phase)
+  if kind == "vertical":
+    return np.sin(w * xx + phase)
+  if kind == "diagonal":
+    return np.sin(w * (xx + yy) / np.sqrt(2) + phase)
+  if kind == "antidiagonal":
+    return np.sin(w * (xx - yy) / np.sqrt(2) + phase)
+  if kind == "checker":
+    return np.sin(w * xx + phase) * np.sin(w * yy + phase) * 2
+  raise ValueError(f"unknown phantom texture {kind!r}; use one of {TEXTURES}")
 
 
 def parse_objects(text: str) -> tuple[int, int]:
@@ -180,7 +214,12 @@ class PhantomSource:
     min_frac: float = 0.12,
     max_frac: float = 0.45,
     balance_modalities: bool = False,
+    layout: str = "random",
+    home_jitter: float = 0.12,
+    texture_amplitude: float = 0.0,
   ):
+    if layout not in LAYOUTS:
+      raise ValueError(f"phantom layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
     unknown = [m for m in modalities if m not in SPECS]
     if unknown:
       raise ValueError(f"phantom has no modality {unknown}; choose from {', '.join(SPECS)}")
@@ -196,6 +235,8 @@ class PhantomSource:
     self.min_objects, self.max_objects = min_objects, max_objects
     self.min_frac, self.max_frac = min_frac, max_frac
     self.balance_modalities = balance_modalities
+    self.layout, self.home_jitter = layout, home_jitter
+    self.texture_amplitude = texture_amplitude
     self._body = _body_mask(image_size)
 
   def __len__(self) -> int:
@@ -224,6 +265,8 @@ class PhantomSource:
       "min_frac": self.min_frac, "max_frac": self.max_frac,
       # Only when set, so folders made before the option existed keep their parameters.
       **({"balance_modalities": True} if self.balance_modalities else {}),
+      **({"layout": self.layout, "home_jitter": self.home_jitter} if self.layout != "random" else {}),
+      **({"texture_amplitude": self.texture_amplitude} if self.texture_amplitude else {}),
     }
 
   def __iter__(self) -> Iterator[Sample]:
@@ -271,8 +314,12 @@ class PhantomSource:
           hi = max(self.min_frac, hi * 0.8)  # crowded: try smaller objects rather than give up
         w = rng.uniform(self.min_frac, hi) * size
         h = float(np.clip(w * rng.uniform(0.65, 1.5), self.min_frac * size, hi * size))
-        x0 = rng.uniform(0, size - w)
-        y0 = rng.uniform(0, size - h)
+        if self.layout == "anatomical":
+          cy, cx = (np.asarray(cls.home) + rng.uniform(-self.home_jitter, self.home_jitter, 2)) * size
+          y0, x0 = float(np.clip(cy - h / 2, 0, size - h)), float(np.clip(cx - w / 2, 0, size - w))
+        else:
+          x0 = rng.uniform(0, size - w)
+          y0 = rng.uniform(0, size - h)
         corners = [(y0 - margin, x0 - margin), (y0 - margin, x0 + w + margin),
                    (y0 + h + margin, x0 - margin), (y0 + h + margin, x0 + w + margin)]
         if not all(_in_body(y, x, size) for y, x in corners):
@@ -309,7 +356,13 @@ class PhantomSource:
       local = _shape_mask(p.cls.shape, h, w)
       mask = np.zeros((size, size), bool)
       mask[y0:y0 + h, x0:x0 + w] = local
-      img[y0:y0 + h, x0:x0 + w][local] = np.asarray(p.cls.level, np.float32) * gain + offset
+      value = np.asarray(p.cls.level, np.float32) * gain + offset
+      if self.texture_amplitude:
+        kind = TEXTURES[spec.classes.index(p.cls) % len(TEXTURES)]
+        yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32) + 0.5
+        pattern = _texture(kind, yy[local], xx[local], size / spec.texture_cycles, rng.uniform(0, 2 * np.pi))
+        value = value + (self.texture_amplitude * pattern)[:, None]
+      img[y0:y0 + h, x0:x0 + w][local] = value
       instances.append(Instance(label=p.cls.name, mask=mask, meta={"shape": p.cls.shape}))
     img = self._noise(spec, img, rng)
     out = np.clip(np.rint(img), 0, 255).astype(np.uint8)

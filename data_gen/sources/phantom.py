@@ -120,11 +120,10 @@ DEFAULT_MODALITIES = ("ct", "mr", "x")
 LAYOUTS = ("random", "anatomical")
 # Texture of the i-th class of a modality (with texture_amplitude > 0): stripes in four orientations or a
 # checkerboard, with a period of its own per modality (`ModalitySpec.texture_cycles`), so no two classes of the
-# default modalities share a texture: grey levels alone repeat across modalities (CT spleen 130, MR myocardium
-# 120), and a tiny model mixes up CT and MR long before it learns to tell them by the body's grey level. Why: Qwen-VL's patch embedding has no bias and LayerNorm follows it, so a
-# flat patch's grey level survives only as the length of one fixed vector, which the norm removes; at init
-# the patch features of liver (170), left kidney (205) and right kidney (240) have cosine 0.96-0.996. A
-# texture is a direction the norm keeps, as parenchyma patterns are in real scans.
+# default modalities share one. Why: grey levels repeat across modalities (CT spleen 130, MR myocardium 120), and
+# Qwen-VL's patch embedding (no bias, LayerNorm after it) keeps a flat patch's grey level only as the length of
+# one fixed vector, which the norm mostly removes (at init, liver 170 / left kidney 205 / right kidney 240 patch
+# features have cosine 0.96-0.996). A texture is a direction the norm keeps, as parenchyma patterns are in scans.
 TEXTURES = ("horizontal", "vertical", "diagonal", "antidiagonal", "checker")
 
 

@@ -158,13 +158,13 @@ def format_comparison(results: dict[str, Any], baselines: dict[str, Any], baseli
   present in the test split."""
   priors = priors or {}
 
-  def cell(scores: dict[str, Any] | None, key: str, metric: str, modality: str | None = None) -> str:
+  def cell(scores: dict[str, Any] | None, metric: str, modality: str | None = None, missing: str = "") -> str:
     if not scores:
-      return ""
-    row = scores["per_modality"][modality] if modality else scores[key]
-    value = row.get(metric)
+      return missing
+    value = (scores["per_modality"][modality] if modality else scores["mean_nonempty"]).get(metric)
     return f"{float('nan') if value is None else value:>10.3f}"
 
+  nan = f"{'nan':>10}"
   lines = []
   for task, r in results.items():
     metric = M.VG_METRIC if task == "VG" else M.RO_METRIC if task == "RO" else "CIDEr"
@@ -176,10 +176,8 @@ def format_comparison(results: dict[str, Any], baselines: dict[str, Any], baseli
     for m in M.MODALITIES:
       row = r["per_modality"][m]
       if row["n"]:
-        lines.append(f"  {m:<12}{row['n']:>6}{row[metric]:>10.3f}" + (cell(b, "", metric, m) or f"{'nan':>10}")
-                     + cell(p, "", metric, m))
-    lines.append(f"  {'mean*':<12}{'':>6}{cell(r, 'mean_nonempty', metric)}"
-                 + (cell(b, "mean_nonempty", metric) or f"{'nan':>10}") + cell(p, "mean_nonempty", metric)
+        lines.append(f"  {m:<12}{row['n']:>6}{row[metric]:>10.3f}{cell(b, metric, m, nan)}{cell(p, metric, m)}")
+    lines.append(f"  {'mean*':<12}{'':>6}{cell(r, metric)}{cell(b, metric, missing=nan)}{cell(p, metric)}"
                  + "   (*over the modalities present; the official 8-modality mean is in eval/metrics.json)")
   return "\n".join(lines)
 

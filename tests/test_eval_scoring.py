@@ -216,3 +216,24 @@ def test_gallery_draws_both_box_colours(tmp_path):
   arr = np.zeros((40, 60), np.uint8)
   p2 = report.write_gallery(recs[:2], lambda r: arr if r["id"] == 0 else None, tmp_path / "g2", max_samples=2)
   assert len(_decode_images(p2.read_text())) == 2 and "image not found" in p2.read_text()
+
+
+def test_comparison_table_shows_the_class_prior_column():
+  from bird_jax import eval as E
+  from bird_jax.inference import format_comparison
+
+  ref = "<ref>liver</ref><box>(100,100),(300,300)</box>"
+  recs = [{"id": f"ct_00--Phantom--case_{k:04d}--z_0000", "image": "", "question": "Where is the liver?",
+           "annotation": ref, "response": ref if k < 3 else "<box>(700,700),(900,900)</box>", "task": "VG"}
+          for k in range(4)]
+  model = {"VG": E.score_predictions(recs, "VG")}
+  const = {"VG": E.score_predictions([dict(r, response="<box>(0,0),(10,10)</box>") for r in recs], "VG")}
+  prior = {"VG": E.score_predictions([dict(r, response=ref) for r in recs[:2]] + recs[2:3]
+                                     + [dict(recs[3], response="")], "VG")}
+  lines = format_comparison(model, const, {"VG": "<box>(0,0),(10,10)</box>"}, prior).splitlines()
+  assert "class prior: the named class's mean training box" in lines[0]
+  assert lines[1].split() == ["modality", "n", "model", "baseline", "prior"]
+  assert lines[2].split() == ["ct", "4", "0.750", "0.000", "0.750"]
+  assert lines[3].split()[:4] == ["mean*", "0.750", "0.000", "0.750"]
+  without = format_comparison(model, {}, {}).splitlines()  # no prior scored: no column; no baseline: nan
+  assert without[1].split() == ["modality", "n", "model", "baseline"] and without[2].split()[-1] == "nan"

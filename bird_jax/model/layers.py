@@ -128,12 +128,12 @@ class LayerNorm(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   axis_name: str = "norm"
-  scale_init: float | tuple[float, ...] = 1.0  # one value, or one per feature
+  scale_init: float = 1.0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
-    scale_init = nn.initializers.constant(jnp.asarray(self.scale_init, self.param_dtype))
+    scale_init = nn.initializers.constant(self.scale_init)
     scale = self.param("scale", partitioned(scale_init, (self.axis_name,)), (d,), self.param_dtype)
     bias = self.param("bias", partitioned(nn.initializers.zeros, (self.axis_name,)), (d,), self.param_dtype)
     x32 = x.astype(jnp.float32)

@@ -38,17 +38,9 @@ from bird_jax.model.layers import (
 Array = jax.Array
 
 # "local" init: logit contrast of the sharpest head (each further head halves it: sharp -> broad pooling),
-# and the LayerNorm scale that keeps content small next to position in the keys and queries at step 0. ln_kv
-# feeds the keys AND the values, so on ln_kv only the features the local key kernel reads get it: the values
-# keep their content at full scale (scaled down with the rest, a lone structure's class was learned 0.15 vs
-# 0.53 held-out in 600 directly supervised steps; the position-blind qwen init gets 0.42).
+# and the LayerNorm scale that keeps content small next to position in the keys and queries at step 0.
 LOCAL_SHARPNESS = 40.0
 LOCAL_CONTENT_SCALE = 0.03
-
-
-def local_key_features(embed_dim: int, heads: int, query_grid: int) -> np.ndarray:
-  """[E] bool: the input features local_attention_kernel reads (the sin-cos dims it copies)."""
-  return np.abs(local_attention_kernel(embed_dim, heads, query_grid)).reshape(embed_dim, -1).sum(-1) > 0
 
 
 def local_attention_kernel(embed_dim: int, heads: int, query_grid: int) -> np.ndarray:
@@ -103,18 +95,15 @@ class Resampler(nn.Module):
     pos_embed = jax.lax.stop_gradient(pos_embed)
     local = cfg.resampler_init == "local"
     content = LOCAL_CONTENT_SCALE if local else 1.0
-    kv_content = (tuple(np.where(local_key_features(e, heads, qgrid), LOCAL_CONTENT_SCALE, 1.0).tolist())
-                  if local else 1.0)
-    ln = lambda n, scale: LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype, scale_init=scale,
-                                    name=n)
+    ln = lambda n: LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype, scale_init=content, name=n)
 
     kv = dense_general(e, ("vit_embed", "resampler_embed"), cfg, use_bias=False, name="kv_proj")(x)
-    kv = ln("ln_kv", kv_content)(kv)
+    kv = ln("ln_kv")(kv)
     kv_grid = int(round(x.shape[1] ** 0.5))
     if kv_grid * kv_grid != x.shape[1]:
       raise ValueError(f"resampler input has {x.shape[1]} tokens, not a square patch grid")
     k_in = kv + interpolate_pos_table(pos_embed, kv_grid).astype(kv.dtype)
-    q_in = ln("ln_q", content)(query) + pos_embed.astype(cfg.compute_dtype)
+    q_in = ln("ln_q")(query) + pos_embed.astype(cfg.compute_dtype)
     q_in = jnp.broadcast_to(q_in[None], (x.shape[0], nq, e))
     q_in = constrain(q_in, ("activation_batch", None, "activation_embed"))
 

@@ -314,14 +314,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
     point = evaluate_on_test(model, state["params"], data.tokenizer, data.tfds_dir, config, train_source,
                              out_dir=workdir / "eval" / f"step_{at_step}",
                              max_examples=config.eval.every_max_examples, full_report=False)
-    scores = {task: s["model"] for task, s in point["summary"].items()}
-    record = {"step": at_step, **scores}
+    record = {"step": at_step, **{task: s["model"] for task, s in point["summary"].items()}}
     if is_main:
       with open(workdir / "eval_curve.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-      baselines = {task: s["baseline"] for task, s in point["summary"].items()}
-      priors = {task: s["class_prior"] for task, s in point["summary"].items()}
-      log.info("step %d held-out: %s", at_step, format_scores(scores, baselines, priors))
+      log.info("step %d held-out: %s", at_step, format_scores(point["summary"]))
     return record
 
   step = start_step
@@ -395,15 +392,14 @@ def reads_kept_set(step: int, keep: float) -> bool:
   return math.floor((step + 1) * keep) > math.floor(step * keep)
 
 
-def format_scores(scores: dict[str, dict[str, float]], baselines: dict[str, Any] | None = None,
-                  priors: dict[str, Any] | None = None) -> str:
-  """{"VG": {"recall@0.5": .31}, ...} (and the baselines' scores alike) ->
-  "VG recall@0.5 0.310 (baseline 0.004, class prior 0.110)"."""
+def format_scores(summary: dict[str, dict[str, Any]]) -> str:
+  """{"VG": {"model": {"recall@0.5": .31}, "baseline": {...}, "class_prior": {...}}, ...} (the references optional)
+  -> "VG recall@0.5 0.310 (baseline 0.004, class prior 0.110), ..."."""
   parts = []
-  for task, metrics in scores.items():
-    for metric, value in (metrics or {}).items():
-      refs = [f"{label} {v:.3f}" for label, table in (("baseline", baselines), ("class prior", priors))
-              if (v := ((table or {}).get(task) or {}).get(metric)) is not None]
+  for task, s in summary.items():
+    for metric, value in (s["model"] or {}).items():
+      refs = [f"{label} {v:.3f}" for key, label in (("baseline", "baseline"), ("class_prior", "class prior"))
+              if (v := (s.get(key) or {}).get(metric)) is not None]
       parts.append(f"{task} {metric} {value:.3f}" + (f" ({', '.join(refs)})" if refs else ""))
   return ", ".join(parts)
 
@@ -415,7 +411,7 @@ def format_summary(summary: dict[str, Any], results: dict[str, Any]) -> str:
     lines.append(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
   if summary.get("eval_curve"):
     lines += ["", "held-out during training (eval.every; the first eval.every_max_examples questions per task):"]
-    lines += [f"  step {r['step']:6d}  " + format_scores({k: v for k, v in r.items() if k != "step"})
+    lines += [f"  step {r['step']:6d}  " + format_scores({k: {"model": v} for k, v in r.items() if k != "step"})
               for r in summary["eval_curve"]]
   if results.get("table"):
     lines += ["", results["table"]]

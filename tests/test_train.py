@@ -175,3 +175,14 @@ def test_kept_first_stage_steps_are_evenly_spread_and_a_function_of_the_step():
   assert len(picks) == 250 and set(np.diff(picks)) == {4}
   assert sum(reads_kept_set(s, 0.1) for s in range(600, 1600)) == 100
   assert not any(reads_kept_set(s, 0.0) for s in range(1000))
+
+
+def test_format_scores_names_each_reference_it_has():
+  from bird_jax.train import format_scores
+
+  summary = {"VG": {"model": {"recall@0.5": 0.31}, "baseline": {"recall@0.5": 0.004},
+                    "class_prior": {"recall@0.5": 0.11}},
+             "RO": {"model": {"accuracy": 0.5}, "baseline": None, "class_prior": {"accuracy": 0.25}}}
+  assert format_scores(summary) == ("VG recall@0.5 0.310 (baseline 0.004, class prior 0.110), "
+                                    "RO accuracy 0.500 (class prior 0.250)")
+  assert format_scores({"VG": {"model": {"recall@0.5": 0.31}}}) == "VG recall@0.5 0.310"

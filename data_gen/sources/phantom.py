@@ -122,8 +122,9 @@ LAYOUTS = ("random", "anatomical")
 # checkerboard, with a period of its own per modality (`ModalitySpec.texture_cycles`), so no two classes of the
 # default modalities share one. Why: grey levels repeat across modalities (CT spleen 130, MR myocardium 120), and
 # Qwen-VL's patch embedding (no bias, LayerNorm after it) keeps a flat patch's grey level only as the length of
-# one fixed vector, which the norm mostly removes (at init, liver 170 / left kidney 205 / right kidney 240 patch
-# features have cosine 0.96-0.996). A texture is a direction the norm keeps, as parenchyma patterns are in scans.
+# one fixed vector, which the norm compresses (at init, liver 170 / left kidney 205 / right kidney 240 patch
+# features have cosine 0.96-0.996); a texture is a direction instead. Naming a lone structure directly from the
+# demo's vision tower: 0.42 held-out after 600 steps with textures, 0.15 without (README).
 TEXTURES = ("horizontal", "vertical", "diagonal", "antidiagonal", "checker")
 
 

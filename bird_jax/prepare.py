@@ -53,7 +53,14 @@ def _phantom_source(config: ml_collections.ConfigDict, *, seed: int, objects: st
     kwargs["texture_amplitude"] = config.data.phantom_texture
   if config.data.phantom_layout != "random":
     kwargs["layout"] = config.data.phantom_layout
-  return PhantomSource(**kwargs)
+  if config.data.phantom_palette != "grey":
+    kwargs["palette"] = config.data.phantom_palette
+  try:
+    return PhantomSource(**kwargs)
+  except ValueError as e:  # an unknown layout / palette / object range: one line naming the config field
+    from bird_jax.config_util import ConfigError
+
+    raise ConfigError(f"data.phantom_*: {e}") from None
 
 
 def ensure_phantom_set(raw: Path, config: ml_collections.ConfigDict, *, seed: int, objects: str, max_turns: int,

@@ -33,7 +33,7 @@ def _build_source(args: argparse.Namespace):
     return PhantomSource(num_cases=args.num_cases, image_size=args.image_size, seed=args.seed,
                          modalities=mods, slices_per_case=args.slices_per_case, min_objects=lo, max_objects=hi,
                          balance_modalities=args.balance_modalities, layout=args.layout,
-                         texture_amplitude=args.texture)
+                         texture_amplitude=args.texture, palette=args.palette)
   if args.source in ("sam_med2d", "png_folder"):
     if not args.root:
       raise SystemExit(f"--source {args.source} needs --root DIR (the dataset folder to read)")
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                  help="phantom: random (a structure anywhere in the body) | anatomical (each class around its home)")
   p.add_argument("--texture", type=float, default=0.0,
                  help="phantom: grey-level amplitude of each class's stripe/checker texture (0: flat structures)")
+  p.add_argument("--palette", default="grey",
+                 help="phantom: grey (each class its grey level) | hue (each class its own colour: a diagnostic "
+                      "that makes recognition trivial, to test grounding alone)")
   p.add_argument("--objects", default="2,4", help="phantom: MIN,MAX labelled structures per image (2,4)")
   p.add_argument("--balance-modalities", action="store_true",
                  help="phantom: more cases for 1-slice modalities (x-ray) so each gives about as many images")

@@ -94,6 +94,13 @@ def test_a_phantom_set_made_with_other_settings_is_refused_not_reused(tmp_path):
   config.data.phantom_layout, config.data.phantom_texture = "anatomical", 30.0
   with pytest.raises(ConfigError, match=r"[(,] ?layout, home_jitter, texture_amplitude differ\)"):
     ensure_raw_dataset(config, tmp_path)
+  config.data.phantom_layout, config.data.phantom_texture, config.data.phantom_palette = "random", 0.0, "hue"
+  with pytest.raises(ConfigError, match=r"[(,] ?palette differ\)"):
+    ensure_raw_dataset(config, tmp_path)
+  config.data.phantom_palette = "rainbow"
+  with pytest.raises(ConfigError, match=r"^data.phantom_\*: phantom palette 'rainbow' is unknown; use one of "
+                                        r"grey, hue$"):
+    ensure_raw_dataset(config, tmp_path)
 
 
 @pytest.mark.slow

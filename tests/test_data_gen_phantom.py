@@ -175,3 +175,23 @@ def test_textures_are_unique_per_class_and_keep_the_grey_level():
         assert inside.std() > 20 > a.image[fi.mask].astype(np.float32).std(), ti.label
         assert abs(inside.mean() - levels[ti.label]) < 12, ti.label  # the mean grey level stays the class's
   assert textured.params()["texture_amplitude"] == 40 and "texture_amplitude" not in flat.params()
+
+
+def test_hue_palette_colours_each_class_and_keeps_the_layout():
+  from data_gen.sources.phantom import HUES
+
+  grey = PhantomSource(num_cases=3, image_size=96, seed=2, slices_per_case=3)
+  hue = PhantomSource(num_cases=3, image_size=96, seed=2, slices_per_case=3, palette="hue")
+  index = {c.name: i for spec in SPECS.values() for i, c in enumerate(spec.classes)}
+  for a, b in zip(grey, hue, strict=True):
+    assert a.image.ndim == 2 and b.image.shape == a.image.shape + (3,)
+    for gi, hi in zip(a.instances, b.instances, strict=True):
+      assert gi.label == hi.label and np.array_equal(gi.mask, hi.mask)  # same structures, same boxes
+      mean = b.image[hi.mask].astype(np.float32).mean(0)
+      nearest = int(np.argmin(((np.asarray(HUES, np.float32) - mean) ** 2).sum(-1)))
+      assert nearest == index[hi.label], (hi.label, mean)
+    outside = ~np.any([i.mask for i in b.instances], axis=0)
+    assert np.array_equal(b.image[outside], np.repeat(a.image[outside][:, None], 3, axis=1))  # the grey twin
+  assert hue.params()["palette"] == "hue" and "palette" not in grey.params()
+  with pytest.raises(ValueError, match="palette 'rainbow' is unknown"):
+    PhantomSource(palette="rainbow")

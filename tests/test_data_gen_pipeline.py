@@ -326,3 +326,18 @@ def test_cli_rejects_a_bad_objects_range(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(why, err), err
   assert not (tmp_path / "o").exists()
+
+
+def test_cli_palette_reaches_the_phantom_and_its_manifest(tmp_path, capsys):
+  from data_gen.__main__ import main as cli_main
+
+  out = tmp_path / "hue"
+  assert cli_main(["--source", "phantom", "--out", str(out), "--num-cases", "2", "--image-size", "48",
+                   "--slices-per-case", "1", "--palette", "hue"]) == 0
+  assert json.loads((out / "manifest.json").read_text())["params"]["source_params"]["palette"] == "hue"
+  png = next((out / "images").glob("*.png"))
+  assert np.asarray(Image.open(png)).ndim == 3  # colour images from a grey modality
+  capsys.readouterr()  # the first run's progress bar
+  assert cli_main(["--source", "phantom", "--out", str(tmp_path / "bad"), "--palette", "rainbow"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "palette 'rainbow' is unknown" in err, err

@@ -10,6 +10,11 @@
 - box errors (from the run's eval/predictions_VG.jsonl): recall@0.5 and mean edge error by reference-box
   size, how often each coordinate's hundreds digit is right, and the error of the last two digits when it
   is (uniform guessing gives ~33). Tells "cannot find the structure" from "finds it, writes it coarsely".
+- box landing (the same file, with every structure of each test image: regenerated for a phantom set, else
+  as far as the test records name them): per
+  number of structures in the image, how many answers hit the named structure (IoU >= 0.5), hit another one
+  instead, or hit none. Tells "cannot bind the name to a structure" (on another) from "cannot read a
+  structure's box out at all" (on none).
 
 These are the diagnostics behind the README's "does the demo learn?" section.
 """
@@ -22,6 +27,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +93,80 @@ def box_errors(predictions: list[dict[str, Any]],
   }
 
 
+def image_key(question: str) -> str:
+  """The image a question is about: the path inside its `<img>` span (the whole text if there is none)."""
+  m = re.search(r"<img>(.*?)</img>", question)
+  return m.group(1) if m else question
+
+
+def structure_boxes(conversations: Iterable[tuple[str, str]]) -> dict[str, list[tuple[float, ...]]]:
+  """(question with its `<img>` span, whole conversation text) per test record -> image -> the distinct boxes
+  its records name (each structure appears in some record: its VG answer, RO question or GC caption)."""
+  from bird_jax.metrics import parse_boxes
+
+  found: dict[str, set[tuple[float, ...]]] = {}
+  for question, text in conversations:
+    found.setdefault(image_key(question), set()).update(b for b in parse_boxes(text, fallback=False) if b)
+  return {k: sorted(v) for k, v in found.items()}
+
+
+def phantom_structure_boxes(manifest: dict[str, Any], images: set[str] | None = None
+                            ) -> dict[str, list[tuple[float, ...]]]:
+  """Every structure's box per image of a phantom Med-GRIT folder, regenerated from its manifest's parameters
+  (the phantom is deterministic) with data_gen's own mask-to-box rule. Keys as in the questions:
+  "images/<image_id>.png"; `images` limits the result to those keys. The test records alone may not name
+  every structure of an image (one question per task)."""
+  from data_gen.boxes import mask_to_boxes, min_area_for
+  from data_gen.sources.phantom import PhantomSource
+
+  params = manifest["params"]
+  if params.get("source") != "phantom":
+    raise ValueError(f"manifest of a {params.get('source')!r} set: only phantom sets can be regenerated")
+  out: dict[str, list[tuple[float, ...]]] = {}
+  for sample in PhantomSource(**params["source_params"]):
+    key = f"images/{sample.image_id}.png"
+    if images is not None and key not in images:
+      continue
+    h, w = sample.image.shape[:2]
+    area = params.get("min_area") or min_area_for(h, w)
+    out[key] = sorted({tuple(b) for inst in sample.instances for b in mask_to_boxes(
+      inst.mask, min_area=area, connected_components=params.get("connected_components", True))})
+  return out
+
+
+def box_landing(predictions: list[dict[str, Any]], structures: dict[str, list[tuple[float, ...]]]) -> dict:
+  """VG predictions ({"question", "annotation", "response"}) -> per structure count: {n, named, other, none,
+  no_box}: where the first predicted box lands (IoU >= 0.5 with the named structure, with another one of
+  the image, with none; or no parsable box)."""
+  from bird_jax.metrics import box_iou, parse_boxes
+
+  out: dict[int, dict[str, int]] = {}
+  for p in predictions:
+    ref = next((b for b in parse_boxes(p["annotation"]) if b is not None), None)
+    if ref is None:
+      continue
+    others = [b for b in structures.get(image_key(p["question"]), []) if b != tuple(ref)]
+    row = out.setdefault(len(others) + 1, {"n": 0, "named": 0, "other": 0, "none": 0, "no_box": 0})
+    row["n"] += 1
+    pred = next((b for b in parse_boxes(p["response"]) if b is not None), None)
+    if pred is None:
+      row["no_box"] += 1
+    elif box_iou(pred, ref) >= 0.5:
+      row["named"] += 1
+    elif any(box_iou(pred, b) >= 0.5 for b in others):
+      row["other"] += 1
+    else:
+      row["none"] += 1
+  return dict(sorted(out.items()))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
   from bird_jax.config_util import parse_config_flags
   from bird_jax.data.image import preprocess_image
-  from bird_jax.data.pipeline import eval_examples, load_split, make_train_dataset
+  from bird_jax.data.pipeline import as_turn_pairs, eval_examples, load_split, make_train_dataset
   from bird_jax.inference import load_checkpoint
   from bird_jax.model import encode_images
   from bird_jax.train import token_nll
@@ -128,7 +201,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   }
   preds_file = Path(config.workdir) / "eval" / "predictions_VG.jsonl"
   if preds_file.exists():
-    result["box_errors"] = box_errors([json.loads(line) for line in preds_file.read_text().splitlines()])
+    preds = [json.loads(line) for line in preds_file.read_text().splitlines()]
+    result["box_errors"] = box_errors(preds)
+    manifest = data.raw_dir / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text())["params"].get("source") == "phantom":
+      structures = phantom_structure_boxes(json.loads(manifest.read_text()),
+                                           {image_key(p["question"]) for p in preds})
+    else:  # only the structures the test records name
+      pairs = (as_turn_pairs(test[i]["conversations"]) for i in range(len(test)))
+      structures = structure_boxes((turns[0][0], " ".join(f"{q} {a}" for q, a in turns)) for turns in pairs)
+    result["box_landing"] = box_landing(preds, structures)
   for k, v in result.items():
     print(f"{k:24s} {v}")
   return result

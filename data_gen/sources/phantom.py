@@ -126,6 +126,12 @@ LAYOUTS = ("random", "anatomical")
 # features have cosine 0.96-0.996); a texture is a direction instead. Naming a lone structure directly from the
 # demo's vision tower: 0.42 held-out after 600 steps with textures, 0.15 without (README).
 TEXTURES = ("horizontal", "vertical", "diagonal", "antidiagonal", "checker")
+# palette="hue" (a diagnostic, not anatomy): each class of a grey modality is drawn in a hue of its own (the i-th
+# class in HUES[i]; body and background stay grey), so the patch embedding tells the classes apart at once (a
+# hue is a direction after Qwen's LayerNorm, where a grey level is only a length). Grounding that still fails
+# on it fails in the decoder's look-up, not in recognising the structures (README).
+PALETTES = ("grey", "hue")
+HUES = ((220, 40, 40), (40, 200, 40), (50, 80, 230), (220, 210, 40), (200, 40, 200))
 
 
 def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: float, phase: float) -> np.ndarray:
@@ -217,7 +223,10 @@ class PhantomSource:
     layout: str = "random",
     home_jitter: float = 0.12,
     texture_amplitude: float = 0.0,
+    palette: str = "grey",
   ):
+    if palette not in PALETTES:
+      raise ValueError(f"phantom palette {palette!r} is unknown; use one of {', '.join(PALETTES)}")
     if layout not in LAYOUTS:
       raise ValueError(f"phantom layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
     unknown = [m for m in modalities if m not in SPECS]
@@ -237,6 +246,7 @@ class PhantomSource:
     self.balance_modalities = balance_modalities
     self.layout, self.home_jitter = layout, home_jitter
     self.texture_amplitude = texture_amplitude
+    self.palette = palette
     self._body = _body_mask(image_size)
 
   def __len__(self) -> int:
@@ -267,6 +277,7 @@ class PhantomSource:
       **({"balance_modalities": True} if self.balance_modalities else {}),
       **({"layout": self.layout, "home_jitter": self.home_jitter} if self.layout != "random" else {}),
       **({"texture_amplitude": self.texture_amplitude} if self.texture_amplitude else {}),
+      **({"palette": self.palette} if self.palette != "grey" else {}),
     }
 
   def __iter__(self) -> Iterator[Sample]:
@@ -338,10 +349,10 @@ class PhantomSource:
   def _render(self, spec: ModalitySpec, layout: list[_Placed], rng: np.random.Generator, gain: float,
               offset: float, jitter: bool) -> tuple[np.ndarray, list[Instance]]:
     size = self.image_size
-    rgb = isinstance(spec.body, tuple)
+    rgb = isinstance(spec.body, tuple) or self.palette == "hue"
     ch = 3 if rgb else 1
     img = np.empty((size, size, ch), np.float32)
-    img[:] = np.asarray(spec.background, np.float32)
+    img[:] = np.asarray(spec.background, np.float32)  # a grey level broadcasts over the channels
     img[self._body] = np.asarray(spec.body, np.float32) * gain + offset
     dy, dx = (rng.integers(-2, 3, size=2) if jitter else (0, 0))
     instances = []
@@ -356,7 +367,10 @@ class PhantomSource:
       local = _shape_mask(p.cls.shape, h, w)
       mask = np.zeros((size, size), bool)
       mask[y0:y0 + h, x0:x0 + w] = local
-      value = np.asarray(p.cls.level, np.float32) * gain + offset
+      level = p.cls.level
+      if self.palette == "hue" and not isinstance(level, tuple):
+        level = HUES[spec.classes.index(p.cls) % len(HUES)]
+      value = np.asarray(level, np.float32) * gain + offset
       if self.texture_amplitude:
         kind = TEXTURES[spec.classes.index(p.cls) % len(TEXTURES)]
         yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32) + 0.5
@@ -370,16 +384,19 @@ class PhantomSource:
 
   def _noise(self, spec: ModalitySpec, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     size = self.image_size
+    # A grey modality drawn in hues gets the grey noise on every channel: the same random draws as its grey
+    # twin (so every later slice's jitter, and so its boxes, match), and body and background stay grey.
+    shape = img.shape if isinstance(spec.body, tuple) else img.shape[:2] + (1,)
     if spec.noise == "gaussian":
-      img += rng.normal(0, spec.sigma, img.shape).astype(np.float32)
+      img += rng.normal(0, spec.sigma, shape).astype(np.float32)
     elif spec.noise == "rician":
       # MR magnitude noise plus a smooth bias field across the field of view.
       ramp = np.linspace(-1, 1, size, dtype=np.float32)
       a, b = rng.uniform(-0.08, 0.08, size=2)
       img *= (1.0 + a * ramp[:, None] + b * ramp[None, :])[..., None]
-      n1 = rng.normal(0, spec.sigma, img.shape).astype(np.float32)
-      n2 = rng.normal(0, spec.sigma, img.shape).astype(np.float32)
+      n1 = rng.normal(0, spec.sigma, shape).astype(np.float32)
+      n2 = rng.normal(0, spec.sigma, shape).astype(np.float32)
       img = np.sqrt((img + n1) ** 2 + n2 ** 2)
     elif spec.noise == "speckle":
-      img *= 1.0 + rng.normal(0, spec.sigma, img.shape).astype(np.float32)
+      img *= 1.0 + rng.normal(0, spec.sigma, shape).astype(np.float32)
     return img

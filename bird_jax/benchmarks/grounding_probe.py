@@ -11,10 +11,9 @@
   size, how often each coordinate's hundreds digit is right, and the error of the last two digits when it
   is (uniform guessing gives ~33). Tells "cannot find the structure" from "finds it, writes it coarsely".
 - box landing (the same file, with every structure of each test image: regenerated for a phantom set, else
-  as far as the test records name them): per
-  number of structures in the image, how many answers hit the named structure (IoU >= 0.5), hit another one
-  instead, or hit none. Tells "cannot bind the name to a structure" (on another) from "cannot read a
-  structure's box out at all" (on none).
+  as far as the test records name them): per number of structures in the image, how many answers hit the
+  named structure (IoU >= 0.5), hit another one instead, or hit none. Tells "cannot bind the name to a
+  structure" (on another) from "cannot read a structure's box out at all" (on none).
 
 These are the diagnostics behind the README's "does the demo learn?" section.
 """
@@ -128,7 +127,7 @@ def phantom_structure_boxes(manifest: dict[str, Any], images: set[str] | None = 
     if images is not None and key not in images:
       continue
     h, w = sample.image.shape[:2]
-    area = params.get("min_area") or min_area_for(h, w)
+    area = min_area_for(h, w) if params.get("min_area") is None else params["min_area"]
     out[key] = sorted({tuple(b) for inst in sample.instances for b in mask_to_boxes(
       inst.mask, min_area=area, connected_components=params.get("connected_components", True))})
   return out
@@ -203,10 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if preds_file.exists():
     preds = [json.loads(line) for line in preds_file.read_text().splitlines()]
     result["box_errors"] = box_errors(preds)
-    manifest = data.raw_dir / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text())["params"].get("source") == "phantom":
-      structures = phantom_structure_boxes(json.loads(manifest.read_text()),
-                                           {image_key(p["question"]) for p in preds})
+    manifest_file = data.raw_dir / "manifest.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
+    if manifest.get("params", {}).get("source") == "phantom":
+      structures = phantom_structure_boxes(manifest, {image_key(p["question"]) for p in preds})
     else:  # only the structures the test records name
       pairs = (as_turn_pairs(test[i]["conversations"]) for i in range(len(test)))
       structures = structure_boxes((turns[0][0], " ".join(f"{q} {a}" for q, a in turns)) for turns in pairs)

@@ -50,3 +50,17 @@ def test_train_probe_learns_a_separable_task(method):
   assert history[-1]["held_out_accuracy"] > 0.8
   with pytest.raises(ValueError, match="method 'pixels'"):
     train_probe(cfg, tx, ty, vx, vy, steps=1, method="pixels")
+
+
+def test_main_refuses_crowded_sets_and_unknown_arguments(tmp_path):
+  import json
+
+  from bird_jax.benchmarks.vision_probe import main
+
+  manifest = tmp_path / "data" / "med_grit_phantom" / "manifest.json"
+  manifest.parent.mkdir(parents=True)
+  manifest.write_text(json.dumps({"params": {"source": "phantom", "source_params": {"max_objects": 4}}}))
+  with pytest.raises(SystemExit, match="up to 4 structures per image; the probe needs one"):
+    main(["--config=cpu_demo", f"--config.workdir={tmp_path}"])
+  with pytest.raises(SystemExit, match="unknown arguments"):
+    main(["--config=cpu_demo", f"--config.workdir={tmp_path}", "--epochs=3"])

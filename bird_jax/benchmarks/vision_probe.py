@@ -18,9 +18,11 @@ Why: the demo must both recognise structures and bind a name to one of them; thi
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -151,6 +153,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if unknown or len(opts) != len(rest):
     raise SystemExit(f"error: unknown arguments {rest}; use --steps=N and --method=tower|trunk")
   cfg = QwenVLConfig(**config.model.to_dict())  # the vision tower does not depend on the vocabulary
+  manifest = Path(config.workdir) / "data" / "med_grit_phantom" / "manifest.json"
+  if manifest.exists():  # a one-turn record of a crowded image names one structure too: refuse those sets
+    source = json.loads(manifest.read_text())["params"].get("source_params", {})
+    if source.get("max_objects", 1) > 1:
+      raise SystemExit(f"error: {manifest} is a set with up to {source['max_objects']} structures per image; "
+                       "the probe needs one (--config.data.phantom_objects=1,1)")
   tfds_dir = f"{config.workdir}/tfds"
   train_x, train_names, skipped_train = load_lone_structures(load_split(tfds_dir, "train"), cfg.image_size)
   test_x, test_names, skipped_test = load_lone_structures(load_split(tfds_dir, "test"), cfg.image_size)

@@ -367,12 +367,11 @@ class PhantomSource:
       local = _shape_mask(p.cls.shape, h, w)
       mask = np.zeros((size, size), bool)
       mask[y0:y0 + h, x0:x0 + w] = local
-      level = p.cls.level
-      if self.palette == "hue" and not isinstance(level, tuple):
-        level = HUES[spec.classes.index(p.cls) % len(HUES)]
+      index = spec.classes.index(p.cls)  # hue and texture go by the class's place in its modality
+      level = HUES[index % len(HUES)] if self.palette == "hue" and not isinstance(p.cls.level, tuple) else p.cls.level
       value = np.asarray(level, np.float32) * gain + offset
       if self.texture_amplitude:
-        kind = TEXTURES[spec.classes.index(p.cls) % len(TEXTURES)]
+        kind = TEXTURES[index % len(TEXTURES)]
         yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32) + 0.5
         pattern = _texture(kind, yy[local], xx[local], size / spec.texture_cycles, rng.uniform(0, 2 * np.pi))
         value = value + (self.texture_amplitude * pattern)[:, None]

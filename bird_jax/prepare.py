@@ -38,7 +38,7 @@ def raw_dir_for(config: ml_collections.ConfigDict, workdir: Path) -> Path:
 
 
 def _phantom_source(config: ml_collections.ConfigDict, *, seed: int, objects: str):
-  from data_gen.sources.phantom import PhantomSource, parse_objects
+  from data_gen.sources.phantom import PhantomSource, parse_objects, parse_sizes
 
   kwargs = {"image_size": config.data.phantom_image_size, "seed": seed}
   if config.data.phantom_cases:
@@ -47,6 +47,8 @@ def _phantom_source(config: ml_collections.ConfigDict, *, seed: int, objects: st
     kwargs["slices_per_case"] = config.data.phantom_slices
   if objects:
     kwargs["min_objects"], kwargs["max_objects"] = parse_objects(objects)
+  if config.data.phantom_size:
+    kwargs["min_frac"], kwargs["max_frac"] = parse_sizes(config.data.phantom_size)
   if config.data.phantom_balance_modalities:
     kwargs["balance_modalities"] = True
   if config.data.phantom_texture:

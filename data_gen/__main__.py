@@ -26,12 +26,14 @@ from data_gen.tasks import parse_task_weights
 
 def _build_source(args: argparse.Namespace):
   if args.source == "phantom":
-    from data_gen.sources.phantom import DEFAULT_MODALITIES, PhantomSource, parse_objects
+    from data_gen.sources.phantom import DEFAULT_MODALITIES, PhantomSource, parse_objects, parse_sizes
 
     mods = tuple(m.strip() for m in args.modalities.split(",")) if args.modalities else DEFAULT_MODALITIES
     lo, hi = parse_objects(args.objects)
+    small, big = parse_sizes(args.size)
     return PhantomSource(num_cases=args.num_cases, image_size=args.image_size, seed=args.seed,
                          modalities=mods, slices_per_case=args.slices_per_case, min_objects=lo, max_objects=hi,
+                         min_frac=small, max_frac=big,
                          balance_modalities=args.balance_modalities, layout=args.layout,
                          texture_amplitude=args.texture, palette=args.palette)
   if args.source in ("sam_med2d", "png_folder"):
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="phantom: grey (each class its grey level) | hue (each class its own colour: a diagnostic "
                       "that makes recognition trivial, to test grounding alone)")
   p.add_argument("--objects", default="2,4", help="phantom: MIN,MAX labelled structures per image (2,4)")
+  p.add_argument("--size", default="0.12,0.45",
+                 help="phantom: MIN,MAX side of a structure's box as a fraction of the image side (0.12,0.45)")
   p.add_argument("--balance-modalities", action="store_true",
                  help="phantom: more cases for 1-slice modalities (x-ray) so each gives about as many images")
   p.add_argument("--modalities", default=None,

@@ -22,7 +22,7 @@ def run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedP
 
 def test_every_config_loads_and_validates():
   names = available_configs()
-  assert {"cpu_demo", "tpu_v4", "tpu_v5e", "tpu_v5p", "gpu_h100", "gpu_h200"} <= set(names)
+  assert {"cpu_demo", "cpu_crowded", "tpu_v4", "tpu_v5e", "tpu_v5p", "gpu_h100", "gpu_h200"} <= set(names)
   from bird_jax.model import QwenVLConfig
 
   for name in names:
@@ -75,7 +75,7 @@ def test_curriculum_without_a_first_stage_folder_is_a_one_line_error(tmp_path):
 def test_a_phantom_set_made_with_other_settings_is_refused_not_reused(tmp_path):
   from bird_jax.prepare import ensure_curriculum_dataset, ensure_raw_dataset
 
-  config = get_config("cpu_demo")
+  config = get_config("cpu_crowded")  # the set with a first stage
   config.data.phantom_cases, config.data.phantom_slices = 2, 1
   raw = ensure_curriculum_dataset(config, tmp_path)
   made = (raw / "manifest.json").stat().st_mtime_ns
@@ -101,6 +101,9 @@ def test_a_phantom_set_made_with_other_settings_is_refused_not_reused(tmp_path):
   with pytest.raises(ConfigError, match=r"^data.phantom_\*: phantom palette 'rainbow' is unknown; use one of "
                                         r"grey, hue$"):
     ensure_raw_dataset(config, tmp_path)
+  config.data.phantom_palette, config.data.phantom_size = "grey", "0.5,0.25"
+  with pytest.raises(ConfigError, match=r"^data.phantom_\*: structure size 0.5,0.25: need 0.02 <= MIN <= MAX"):
+    ensure_raw_dataset(config, tmp_path)
 
 
 @pytest.mark.slow
@@ -124,6 +127,10 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   assert (work / "tfds" / "med_grit" / "generated" / "1.0.0").is_dir()
   main_set = json.loads((work / "data" / "med_grit_phantom" / "manifest.json").read_text())["params"]
   assert main_set["source_params"]["slices_per_case"] == 2 and main_set["source_params"]["num_cases"] == 8
+  # the demo's set (README): one coloured structure per image, boxes 0.25-0.5 of the side, VG and ROC turns
+  assert main_set["source_params"]["min_objects"] == main_set["source_params"]["max_objects"] == 1
+  assert main_set["source_params"]["palette"] == "hue" and main_set["source_params"]["min_frac"] == 0.25
+  assert main_set["task_weights"] == {"VG": 0.5, "RO": 0.5}
   # Steps 1-2 read the curriculum set: one structure per image, VG only, its own seed (no held-out layouts).
   first = json.loads((work / "data" / "med_grit_phantom_curriculum" / "manifest.json").read_text())["params"]
   assert first["source_params"]["min_objects"] == first["source_params"]["max_objects"] == 1

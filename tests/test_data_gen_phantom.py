@@ -195,3 +195,20 @@ def test_hue_palette_colours_each_class_and_keeps_the_layout():
   assert hue.params()["palette"] == "hue" and "palette" not in grey.params()
   with pytest.raises(ValueError, match="palette 'rainbow' is unknown"):
     PhantomSource(palette="rainbow")
+
+
+def test_size_range_bounds_every_structure_box():
+  """min_frac/max_frac bound each structure's box side (as drawn, before the per-slice jitter and shape)."""
+  big = PhantomSource(num_cases=4, image_size=96, seed=5, slices_per_case=2, min_objects=1, max_objects=1,
+                      min_frac=0.3, max_frac=0.5)
+  sides = []
+  for s in big:
+    for inst in s.instances:
+      x0, y0, x1, y1 = mask_extents(inst.mask)  # inclusive
+      sides += [(x1 - x0 + 1) / 96, (y1 - y0 + 1) / 96]
+  # a shape's mask spans its drawn box up to a pixel of sampling at each edge
+  assert min(sides) >= 0.3 - 2 / 96 and max(sides) <= 0.5 + 1 / 96, (min(sides), max(sides))
+  assert big.params()["min_frac"] == 0.3 and big.params()["max_frac"] == 0.5
+  for lo, hi in ((0.3, 0.2), (0.0, 0.3), (0.2, 0.9)):
+    with pytest.raises(ValueError, match="need 0.02 <= MIN <= MAX <= 0.6"):
+      PhantomSource(min_frac=lo, max_frac=hi)

@@ -341,3 +341,18 @@ def test_cli_palette_reaches_the_phantom_and_its_manifest(tmp_path, capsys):
   assert cli_main(["--source", "phantom", "--out", str(tmp_path / "bad"), "--palette", "rainbow"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "palette 'rainbow' is unknown" in err, err
+
+
+def test_cli_size_reaches_the_phantom_and_its_manifest(tmp_path, capsys):
+  from data_gen.__main__ import main as cli_main
+
+  out = tmp_path / "big"
+  assert cli_main(["--source", "phantom", "--out", str(out), "--num-cases", "2", "--image-size", "48",
+                   "--slices-per-case", "1", "--size", "0.25,0.5"]) == 0
+  params = json.loads((out / "manifest.json").read_text())["params"]["source_params"]
+  assert (params["min_frac"], params["max_frac"]) == (0.25, 0.5)
+  capsys.readouterr()
+  for bad, why in (("big", "--size 'big'.*MIN,MAX"), ("0.5,0.25", "need 0.02 <= MIN <= MAX")):
+    assert cli_main(["--source", "phantom", "--out", str(tmp_path / "bad"), "--size", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(why, err), err

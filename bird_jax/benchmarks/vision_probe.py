@@ -2,9 +2,10 @@
 
   python -m bird_jax.benchmarks.vision_probe --config=cpu_demo --config.workdir=RUN [--steps=600] [--method=tower]
 
-RUN holds a one-structure-per-image med_grit build (`RUN/tfds`), e.g. made by the demo command with
+RUN holds a one-structure-per-image med_grit build (`RUN/tfds`), e.g. a `cpu_demo` run (coloured structures),
+or one with `--config.data.phantom_palette=grey` for grey ones (the README's table: `--config=cpu_crowded` with
 `--config.data.phantom_objects=1,1 --config.data.phantom_task_weights=VG=0.5,RO=0.5 --config.data.phantom_max_turns=1
---config.data.seq_len=96 --config.data.curriculum.steps=0 --config.data.phantom_balance_modalities=True`. The
+--config.data.seq_len=96 --config.data.curriculum.steps=0 --config.data.phantom_balance_modalities=True`). The
 probe trains the config's vision tower from its random init (`--method=tower`: ViT + resampler + proj; `trunk`:
 the ViT alone), its tokens mean-pooled, with one zero-initialised linear layer on top, to name the lone
 structure of each training image (the class in its RO answer or VG `<ref>`), AdamW with warmup-cosine; it prints

@@ -158,6 +158,15 @@ def parse_objects(text: str) -> tuple[int, int]:
   return lo, hi
 
 
+def parse_sizes(text: str) -> tuple[float, float]:
+  """"MIN,MAX" structure sides as fractions of the image side -> (MIN, MAX)."""
+  try:
+    lo, hi = (float(v) for v in text.split(","))
+  except ValueError:
+    raise ValueError(f"--size {text!r}: write MIN,MAX as fractions of the image side, e.g. --size 0.25,0.5") from None
+  return lo, hi
+
+
 def _shape_mask(shape: str, h: int, w: int) -> np.ndarray:
   """Boolean h x w mask of `shape` filling its box (sampled at pixel centres)."""
   v = (np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1
@@ -236,6 +245,9 @@ class PhantomSource:
       raise ValueError(f"phantom image_size {image_size} is too small; use >= 32")
     if not 1 <= min_objects <= max_objects:
       raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+    if not 0.02 <= min_frac <= max_frac <= 0.6:
+      raise ValueError(f"structure size {min_frac},{max_frac}: need 0.02 <= MIN <= MAX <= 0.6 (fractions of the "
+                       "image side; the body is 0.92 of it)")
     self.num_cases = num_cases
     self.image_size = image_size
     self.seed = seed

@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.phantom_balance_modalities = False  # True: as many X-ray images as CT/MR ones (more 1-slice cases)
   c.data.phantom_layout = "random"  # "anatomical": each class around its own home (data_gen --layout)
   c.data.phantom_texture = 0.0  # grey-level amplitude of the per-class stripe/checker textures (data_gen --texture)
-  c.data.phantom_palette = "grey"  # "hue": each class its own colour, a diagnostic (data_gen --palette)
+  c.data.phantom_palette = "grey"  # "hue": each class its own colour (cpu_demo; data_gen --palette)
   c.data.phantom_objects = ""  # "MIN,MAX" labelled structures per phantom image; "" -> data_gen's default (2,4)
   c.data.phantom_size = ""  # "MIN,MAX" box side / image side of a structure; "" -> data_gen's default (0.12,0.45)
   c.data.phantom_task_weights = ""  # e.g. "VG=0.45,RO=0.35,GC=0.1,MII=0.1"; "" -> data_gen's default mix

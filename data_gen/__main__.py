@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--texture", type=float, default=0.0,
                  help="phantom: grey-level amplitude of each class's stripe/checker texture (0: flat structures)")
   p.add_argument("--palette", default="grey",
-                 help="phantom: grey (each class its grey level) | hue (each class its own colour: a diagnostic "
-                      "that makes recognition trivial, to test grounding alone)")
+                 help="phantom: grey (each class its grey level) | hue (each class its own colour: recognition "
+                      "made easy, as in the cpu_demo set; a diagnostic to test grounding alone)")
   p.add_argument("--objects", default="2,4", help="phantom: MIN,MAX labelled structures per image (2,4)")
   p.add_argument("--size", default="0.12,0.45",
                  help="phantom: MIN,MAX side of a structure's box as a fraction of the image side (0.12,0.45)")

@@ -126,10 +126,10 @@ LAYOUTS = ("random", "anatomical")
 # features have cosine 0.96-0.996); a texture is a direction instead. Naming a lone structure directly from the
 # demo's vision tower: 0.42 held-out after 600 steps with textures, 0.15 without (README).
 TEXTURES = ("horizontal", "vertical", "diagonal", "antidiagonal", "checker")
-# palette="hue" (a diagnostic, not anatomy): each class of a grey modality is drawn in a hue of its own (the i-th
-# class in HUES[i]; body and background stay grey), so the patch embedding tells the classes apart at once (a
-# hue is a direction after Qwen's LayerNorm, where a grey level is only a length). Grounding that still fails
-# on it fails in the decoder's look-up, not in recognising the structures (README).
+# palette="hue" (not anatomy: the cpu_demo set, and a diagnostic): each class of a grey modality is drawn in a hue
+# of its own (the i-th class in HUES[i]; body and background stay grey), so the patch embedding tells the classes
+# apart at once (a hue is a direction after Qwen's LayerNorm, where a grey level is only a length). Grounding that
+# still fails on it fails in the decoder's look-up, not in recognising the structures (README).
 PALETTES = ("grey", "hue")
 HUES = ((220, 40, 40), (40, 200, 40), (50, 80, 230), (220, 210, 40), (200, 40, 200))
 

@@ -37,7 +37,7 @@ def test_overrides_are_typed_and_unknown_names_fail_with_one_line():
   got = (name, c.train.steps, c.train.lr, c.data.packing, tuple(c.mesh.shape))
   assert got == ("cpu_demo", 7, 0.5, True, (2, -1, 1))
   assert rest == ["--other"]
-  with pytest.raises(ConfigError, match="unknown config 'nope'; available: cpu_demo"):
+  with pytest.raises(ConfigError, match="unknown config 'nope'; available: cpu_crowded, cpu_demo, "):
     parse_config_flags(["--config=nope"])
   with pytest.raises(ConfigError, match=r"unknown config field 'train\.stepz'.*fields under train: .*steps"):
     parse_config_flags(["--config=cpu_demo", "--config.train.stepz=3"])

@@ -149,22 +149,22 @@ def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: float, phase: fl
   raise ValueError(f"unknown phantom texture {kind!r}; use one of {TEXTURES}")
 
 
+def _parse_range(text: str, cast: type, hint: str) -> tuple:
+  try:
+    lo, hi = (cast(v) for v in text.split(","))
+  except ValueError:
+    raise ValueError(f"{hint.split()[0]} {text!r}: write MIN,MAX, e.g. {hint}") from None
+  return lo, hi
+
+
 def parse_objects(text: str) -> tuple[int, int]:
   """"MIN,MAX" labelled structures per image -> (MIN, MAX)."""
-  try:
-    lo, hi = (int(v) for v in text.split(","))
-  except ValueError:
-    raise ValueError(f"--objects {text!r}: write MIN,MAX, e.g. --objects 1,1 for one per image") from None
-  return lo, hi
+  return _parse_range(text, int, "--objects 1,1 for one per image")
 
 
 def parse_sizes(text: str) -> tuple[float, float]:
   """"MIN,MAX" structure sides as fractions of the image side -> (MIN, MAX)."""
-  try:
-    lo, hi = (float(v) for v in text.split(","))
-  except ValueError:
-    raise ValueError(f"--size {text!r}: write MIN,MAX as fractions of the image side, e.g. --size 0.25,0.5") from None
-  return lo, hi
+  return _parse_range(text, float, "--size 0.25,0.5 (fractions of the image side)")
 
 
 def _shape_mask(shape: str, h: int, w: int) -> np.ndarray:

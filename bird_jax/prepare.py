@@ -107,6 +107,11 @@ def ensure_raw_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path
   if not raw.is_dir():
     raise FileNotFoundError(f"Med-GRIT folder {raw} does not exist; generate it with `python -m data_gen` "
                             f"or fix --config.data.raw_dir")
+  if not any(raw.iterdir()):
+    from bird_jax.config_util import ConfigError
+
+    raise ConfigError(f"Med-GRIT folder {raw} is empty; generate it with `python -m data_gen --out {raw}` or fix "
+                      "--config.data.raw_dir")
   return raw
 
 

@@ -56,12 +56,19 @@ def test_curriculum_without_a_first_stage_folder_is_a_one_line_error(tmp_path):
   (tmp_path / "mine").mkdir()
   r = run(["-m", "bird_jax.train", "--config=cpu_demo", f"--config.workdir={tmp_path / 'w'}",
            "--config.data.source=folder", f"--config.data.raw_dir={tmp_path / 'mine'}"], cwd=tmp_path)
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    f"error: Med-GRIT folder {tmp_path / 'mine'} is empty; generate it with `python -m data_gen --out "
+    f"{tmp_path / 'mine'}` or fix --config.data.raw_dir"], r.stderr[-2000:]
+  # cpu_crowded trains a first stage: with a folder source it needs a folder for it too
+  (tmp_path / "mine" / "train.json").write_text("[]")
+  r = run(["-m", "bird_jax.train", "--config=cpu_crowded", f"--config.workdir={tmp_path / 'w'}",
+           "--config.data.source=folder", f"--config.data.raw_dir={tmp_path / 'mine'}"], cwd=tmp_path)
   assert r.returncode == 2, r.stderr[-2000:]
   assert r.stderr.strip().splitlines() == [
     "error: data.curriculum.steps=600 needs a first-stage folder when data.source is not phantom: add "
     "--config.data.curriculum.raw_dir=DIR, or --config.data.curriculum.steps=0"]
   missing = tmp_path / "no_such_folder"
-  r = run(["-m", "bird_jax.train", "--config=cpu_demo", f"--config.workdir={tmp_path / 'w'}",
+  r = run(["-m", "bird_jax.train", "--config=cpu_crowded", f"--config.workdir={tmp_path / 'w'}",
            "--config.data.source=folder", f"--config.data.raw_dir={tmp_path / 'mine'}",
            f"--config.data.curriculum.raw_dir={missing}"], cwd=tmp_path)
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [

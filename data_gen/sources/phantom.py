@@ -124,7 +124,7 @@ LAYOUTS = ("random", "anatomical")
 # Qwen-VL's patch embedding (no bias, LayerNorm after it) keeps a flat patch's grey level only as the length of
 # one fixed vector, which the norm compresses (at init, liver 170 / left kidney 205 / right kidney 240 patch
 # features have cosine 0.96-0.996); a texture is a direction instead. Naming a lone structure directly from the
-# demo's vision tower: 0.42 held-out after 600 steps with textures, 0.15 without (README).
+# crowded demo's vision tower: 0.42 held-out after 600 steps with textures, 0.15 without (README).
 TEXTURES = ("horizontal", "vertical", "diagonal", "antidiagonal", "checker")
 # palette="hue" (not anatomy: the cpu_demo set, and a diagnostic): each class of a grey modality is drawn in a hue
 # of its own (the i-th class in HUES[i]; body and background stay grey), so the patch embedding tells the classes

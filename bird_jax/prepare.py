@@ -104,13 +104,11 @@ def ensure_raw_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path
   if config.data.source == "phantom":
     return ensure_phantom_set(raw, config, seed=config.seed, objects=config.data.phantom_objects,
                               max_turns=config.data.phantom_max_turns, task_weights=config.data.phantom_task_weights)
-  if not raw.is_dir():
-    raise FileNotFoundError(f"Med-GRIT folder {raw} does not exist; generate it with `python -m data_gen` "
-                            f"or fix --config.data.raw_dir")
-  if not any(raw.iterdir()):
+  if not raw.is_dir() or not any(raw.iterdir()):
     from bird_jax.config_util import ConfigError
 
-    raise ConfigError(f"Med-GRIT folder {raw} is empty; generate it with `python -m data_gen --out {raw}` or fix "
+    state = "is empty" if raw.is_dir() else "does not exist"
+    raise ConfigError(f"Med-GRIT folder {raw} {state}; generate it with `python -m data_gen --out {raw}` or fix "
                       "--config.data.raw_dir")
   return raw
 

@@ -59,6 +59,11 @@ def test_curriculum_without_a_first_stage_folder_is_a_one_line_error(tmp_path):
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
     f"error: Med-GRIT folder {tmp_path / 'mine'} is empty; generate it with `python -m data_gen --out "
     f"{tmp_path / 'mine'}` or fix --config.data.raw_dir"], r.stderr[-2000:]
+  r = run(["-m", "bird_jax.train", "--config=cpu_demo", f"--config.workdir={tmp_path / 'w'}",
+           "--config.data.source=folder", f"--config.data.raw_dir={tmp_path / 'gone'}"], cwd=tmp_path)
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    f"error: Med-GRIT folder {tmp_path / 'gone'} does not exist; generate it with `python -m data_gen --out "
+    f"{tmp_path / 'gone'}` or fix --config.data.raw_dir"], r.stderr[-2000:]
   # cpu_crowded trains a first stage: with a folder source it needs a folder for it too
   (tmp_path / "mine" / "train.json").write_text("[]")
   r = run(["-m", "bird_jax.train", "--config=cpu_crowded", f"--config.workdir={tmp_path / 'w'}",

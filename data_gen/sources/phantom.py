@@ -149,22 +149,23 @@ def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: float, phase: fl
   raise ValueError(f"unknown phantom texture {kind!r}; use one of {TEXTURES}")
 
 
-def _parse_range(text: str, cast: type, hint: str) -> tuple:
+def _parse_range(text: str, cast: type, flag: str, example: str) -> tuple:
+  """"MIN,MAX" -> (MIN, MAX) as `cast`; a bad text names `flag` and shows `example`."""
   try:
     lo, hi = (cast(v) for v in text.split(","))
   except ValueError:
-    raise ValueError(f"{hint.split()[0]} {text!r}: write MIN,MAX, e.g. {hint}") from None
+    raise ValueError(f"{flag} {text!r}: write MIN,MAX, e.g. {flag} {example}") from None
   return lo, hi
 
 
 def parse_objects(text: str) -> tuple[int, int]:
   """"MIN,MAX" labelled structures per image -> (MIN, MAX)."""
-  return _parse_range(text, int, "--objects 1,1 for one per image")
+  return _parse_range(text, int, "--objects", "1,1 for one per image")
 
 
 def parse_sizes(text: str) -> tuple[float, float]:
   """"MIN,MAX" structure sides as fractions of the image side -> (MIN, MAX)."""
-  return _parse_range(text, float, "--size 0.25,0.5 (fractions of the image side)")
+  return _parse_range(text, float, "--size", "0.25,0.5 (fractions of the image side)")
 
 
 def _shape_mask(shape: str, h: int, w: int) -> np.ndarray:

@@ -327,6 +327,10 @@ def folder_image_loader(root: str | os.PathLike) -> Callable[[Mapping[str, Any]]
 def run_scoring(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
   by_task: dict[str, list[dict[str, Any]]] = {}
   for path in args.predictions:
+    if not Path(path).is_file():
+      raise FileNotFoundError(f"predictions file {path} does not exist; pass --predictions=FILE.jsonl (one JSON "
+                              "object per line: id, image, annotation, response)")
+  for path in args.predictions:
     for task, recs in split_by_task(read_predictions_jsonl(path), args.task, path).items():
       by_task.setdefault(task, []).extend(recs)
   first = Path(args.predictions[0])

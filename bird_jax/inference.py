@@ -192,7 +192,7 @@ def load_checkpoint(config, checkpoint: str | Path):
   from bird_jax.checkpoint import Checkpointer
   from bird_jax.model import QwenVL
   from bird_jax.prepare import prepare
-  from bird_jax.train import build_optimizer, create_state_shardings, model_config_from
+  from bird_jax.train_step import build_optimizer, create_state_shardings, model_config_from
 
   path = Path(checkpoint).absolute()
   step = None

@@ -3,12 +3,19 @@
 Each step is skipped when its output already exists, so a rerun (or a resumed run) starts training at
 once. The demo path generates the phantom set with data_gen; real runs point `data.raw_dir` at a
 Med-GRIT folder (data_gen output or the official release) and `data.tokenizer` at a Qwen-VL checkpoint.
+
+  python -m bird_jax.prepare --config=cpu_demo [--config.workdir=runs/cpu_demo] [--config.data.x=y]
+
+does these steps alone (e.g. on a login node before a multi-host job) and prints where each result is.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,16 +141,40 @@ def ensure_curriculum_dataset(config: ml_collections.ConfigDict, workdir: Path) 
                             task_weights=cur.phantom_task_weights)
 
 
-def _corpus(raw: Path, system_prompt: str):
-  if system_prompt:
-    yield system_prompt
-  for name in sorted(raw.glob("*.json")):
-    if name.name == "manifest.json":
-      continue
-    for record in json.loads(name.read_text()):
-      for user, assistant in record["conversations"]:
-        yield user
-        yield assistant
+def _read_json_records(path: Path) -> list:
+  """A Med-GRIT file's list of records; a corrupt file is a one-line ConfigError naming it, where and the fix."""
+  from bird_jax.config_util import ConfigError
+
+  fix = ("fix or regenerate it (`python -m data_gen --out DIR`), or point --config.data.raw_dir at a valid "
+         "Med-GRIT folder")
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON at line {e.lineno} column {e.colno} (char {e.pos}: {e.msg}); "
+                      f"{fix}") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); {fix}") from None
+  if not isinstance(data, list):
+    raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not a list of records; {fix}")
+  return data
+
+
+def _turn_strings(record) -> list[str]:
+  """The user/assistant strings of a record's [user, assistant] pairs; malformed parts give none (the TFDS build
+  skips and counts such records, so the tokenizer corpus ignores them too)."""
+  turns = record.get("conversations") if isinstance(record, dict) else None
+  if not isinstance(turns, list):
+    return []
+  return [text for turn in turns if isinstance(turn, list) and len(turn) == 2
+          for text in turn if isinstance(text, str)]
+
+
+def _corpus(raw: Path, system_prompt: str) -> Iterator[str]:
+  """The tokenizer's training text. Every file is read (and checked) here, before the first string goes to the
+  trainer, so a corrupt file is a one-line error from us, not one raised inside the trainer's iterator."""
+  files = [_read_json_records(name) for name in sorted(raw.glob("*.json")) if name.name != "manifest.json"]
+  head = [system_prompt] if system_prompt else []
+  return itertools.chain(head, (text for records in files for record in records for text in _turn_strings(record)))
 
 
 def ensure_tokenizer(config: ml_collections.ConfigDict, workdir: Path, raw: Path) -> tuple[Tokenizer, Path]:
@@ -162,11 +193,16 @@ def ensure_tokenizer(config: ml_collections.ConfigDict, workdir: Path, raw: Path
 def ensure_tfds(config: ml_collections.ConfigDict, raw: Path, data_dir: Path) -> Path:
   import tensorflow_datasets as tfds
 
+  from bird_jax.config_util import ConfigError
   from bird_jax.data.med_grit import Builder
+  from bird_jax.data.med_grit.records import UnreadableFile
 
   builder = Builder(config=config.data.builder_config, data_dir=str(data_dir), file_format="array_record")
   # A no-op when this version is already built: delete <tfds_dir>/med_grit to rebuild from a changed folder.
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(raw)))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(raw)))
+  except UnreadableFile as e:  # a corrupt train/test file: one line naming it, not the TFDS traceback
+    raise ConfigError(f"{e}, or point --config.data.raw_dir at a valid Med-GRIT folder") from None
   return data_dir
 
 
@@ -181,3 +217,31 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, *, for_training: b
     curriculum_tfds = ensure_tfds(config, curriculum_raw, workdir / "tfds_curriculum")
   return PreparedData(raw_dir=raw, tfds_dir=tfds_dir, tokenizer=tokenizer, tokenizer_path=tok_path,
                       curriculum_tfds_dir=curriculum_tfds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from bird_jax.config_util import ConfigError, exit_on_config_error, parse_config_flags
+
+  @exit_on_config_error
+  def run(args: list[str]) -> int:
+    config, name, rest = parse_config_flags(args)
+    if rest:
+      raise ConfigError(f"unknown arguments {' '.join(rest)}; use --config=NAME and --config.FIELD=VALUE")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+    for noisy in ("absl", "tensorflow_datasets"):
+      logging.getLogger(noisy).setLevel(logging.WARNING)
+    data = prepare(config, Path(config.workdir).absolute())
+    print(f"{name}: data ready for `python -m bird_jax.train --config={name}` with the same overrides")
+    print(f"  Med-GRIT folder  {data.raw_dir}")
+    print(f"  tokenizer        {data.tokenizer_path}")
+    print(f"  TFDS data_dir    {data.tfds_dir} (med_grit/{config.data.builder_config})")
+    if data.curriculum_tfds_dir is not None:
+      print(f"  first stage TFDS {data.curriculum_tfds_dir}")
+    return 0
+
+  return run(list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -41,6 +41,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("vit_patch", None),
   ("resampler_embed", "fsdp"),
   ("resampler_queries", None),
+  # The chunked LM loss (train_step.chunked_token_nll) runs vocabulary-parallel: the head's vocabulary over
+  # every model axis, each chunk's rows gathered over them.
+  ("loss_batch", "data"),
+  ("loss_embed", None),
+  ("loss_vocab", ("fsdp", "tensor")),
 )
 
 

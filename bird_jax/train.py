@@ -13,6 +13,7 @@ slice, where `jax.distributed.initialize()` finds its peers itself with BIRD_DIS
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,15 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from bird_jax import sharding as shd
 from bird_jax.config_util import ConfigError, exit_on_config_error, parse_config_flags
+from bird_jax.flops import peak_flops, train_step_flops
+from bird_jax.train_step import build_train_step, host_batch, images_per_row, model_config_from, to_global
 
 log = logging.getLogger("bird_jax")
 
@@ -47,108 +48,6 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
-def model_config_from(config: ml_collections.ConfigDict, tokenizer) -> Any:
-  """The QwenVLConfig of this run; a demo tokenizer decides the vocab and the image token ids."""
-  from bird_jax.model import QwenVLConfig
-
-  fields = config.model.to_dict()
-  if config.init_from:
-    hf = json.loads((Path(config.init_from) / "config.json").read_text())
-    keep = {k: fields[k] for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "vision_remat_policy")}
-    return QwenVLConfig.from_hf_config(hf, **keep)
-  if not config.data.tokenizer:
-    fields["vocab_size"] = max(fields["vocab_size"], tokenizer.vocab_size)
-    fields["image_start_id"] = tokenizer.special["img_start"]
-  cfg = QwenVLConfig(**fields)
-  if tokenizer.special["img_start"] != cfg.image_start_id or tokenizer.vocab_size > cfg.vocab_size:
-    raise ValueError(f"tokenizer (vocab {tokenizer.vocab_size}, <img> {tokenizer.special['img_start']}) does not "
-                     f"fit the model (vocab {cfg.vocab_size}, image_start_id {cfg.image_start_id})")
-  return cfg
-
-
-def build_optimizer(tc: ml_collections.ConfigDict, params: Any, total_steps: int) -> optax.GradientTransformation:
-  from bird_jax.model import trainable_mask
-
-  warmup = max(1, int(round(tc.warmup_ratio * total_steps)))
-  if tc.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
-  elif tc.schedule == "constant":
-    lr = optax.join_schedules([optax.linear_schedule(0.0, tc.lr, warmup), optax.constant_schedule(tc.lr)], [warmup])
-  else:
-    raise ValueError(f"config.train.schedule={tc.schedule!r}; use 'cosine' or 'constant'")
-  # Decay matrices and embeddings only; norms, biases and the fixed sin-cos tables are left alone.
-  decay = jax.tree.map(lambda p: p.ndim >= 2, params)
-  adamw = optax.chain(
-    optax.clip_by_global_norm(tc.grad_clip),
-    optax.adamw(lr, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, mask=decay),
-  )
-  trainable = trainable_mask(params, train_vit=tc.train_vit, train_resampler=tc.train_resampler,
-                             train_llm=tc.train_llm)
-  labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
-  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
-
-
-def token_nll(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """(sum of next-token NLL over supervised tokens, number of supervised tokens), in float32."""
-  logits = model.apply({"params": params}, batch["input_ids"], batch["pixel_values"],
-                       positions=batch["positions"], segment_ids=batch["segment_ids"])
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
-  weights = batch["loss_mask"].astype(jnp.float32)
-  return (nll * weights).sum(), weights.sum()
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_accum: int):
-  """One optimizer step; with grad_accum > 1 the batch is split into micro-batches scanned in-step and the
-  gradients are weighted by supervised-token counts, so the result equals the big-batch gradient."""
-  grad_fn = jax.value_and_grad(lambda p, b: token_nll(model, p, b), has_aux=True)
-
-  def train_step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    params = state["params"]
-    if grad_accum == 1:
-      (loss_sum, count), grads = grad_fn(params, batch)
-    else:
-      micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
-
-      def body(carry, mb):
-        g_acc, l_acc, n_acc = carry
-        (loss, n), g = grad_fn(params, mb)
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, n_acc + n), None
-
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-    metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
-    return new_state, metrics
-
-  return train_step
-
-
-def create_state_shardings(model_cfg, tx_builder, mesh, rules, seed: int):
-  """Shapes first: abstract boxed params → logical specs → NamedShardings; init jitted into those shardings."""
-  from bird_jax.model import init_params
-
-  boxed = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(seed)))
-  param_shardings = shd.logical_shardings(boxed, mesh, rules)
-  abstract_params = nn.unbox(boxed)
-  tx = tx_builder(abstract_params)
-  # Optimizer-state shardings follow from the params' through XLA's propagation (moments are zeros_like).
-  compiled = jax.jit(tx.init, in_shardings=(param_shardings,)).lower(abstract_params).compile()
-  opt_shardings = jax.tree.map(
-    lambda s: s if isinstance(s, jax.sharding.NamedSharding) else shd.replicated(mesh), compiled.output_shardings)
-  state_shardings = {"step": shd.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
-
-  def init_state():
-    params = nn.unbox(init_params(model_cfg, jax.random.key(seed)))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-  abstract_state = jax.eval_shape(init_state)
-  return tx, init_state, abstract_state, state_shardings
-
-
 def fresh_state(init_from: str, model_cfg, tx: optax.GradientTransformation, init_state, state_shardings):
   """Step-0 state in its target shardings: the Hugging Face checkpoint's weights when `init_from` is set
   (loaded tensor by tensor straight into the shardings, never random-initialised first), else random."""
@@ -159,10 +58,6 @@ def fresh_state(init_from: str, model_cfg, tx: optax.GradientTransformation, ini
   params = load_params(init_from, model_cfg, shardings=state_shardings["params"])
   return jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
                  out_shardings=state_shardings, donate_argnums=(0,))(params)
-
-
-def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
 
 
 def _setup_logging(workdir: Path) -> None:
@@ -181,7 +76,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
 
   from bird_jax.checkpoint import Checkpointer
   from bird_jax.data.pipeline import load_split, make_train_dataset
-  from bird_jax.model import QwenVL, param_count
+  from bird_jax.model import param_count
   from bird_jax.prepare import prepare
 
   if not 0.0 <= config.data.curriculum.keep < 1.0:
@@ -200,19 +95,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
     multihost_utils.sync_global_devices("bird_jax.prepare")
   data = prepare(config, workdir)
   model_cfg = model_config_from(config, data.tokenizer)
-  model = QwenVL(model_cfg)
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ---- mesh and state ------------------------------------------------------------------------------
   mesh = shd.make_mesh(config.mesh.shape)
-  rules = shd.rules_from_config(config.mesh.rules)
   tc = config.train
   if tc.batch_size % (jax.process_count() * tc.grad_accum):
     raise ValueError(f"train.batch_size {tc.batch_size} must divide by processes×grad_accum "
                      f"({jax.process_count()}×{tc.grad_accum})")
-  tx, init_state, abstract_state, state_shardings = create_state_shardings(
-    model_cfg, lambda p: build_optimizer(tc, p, tc.steps), mesh, rules, config.seed)
+  parts = build_train_step(config, model_cfg, mesh)
+  tx, init_state, abstract_state, state_shardings = parts.tx, parts.init_state, parts.abstract_state, \
+    parts.state_shardings
   n_params = param_count(abstract_state["params"])
   log.info("model: %s params (visual %s, llm %s) on mesh %s over %d device(s) [%s]", f"{n_params:,}",
            f"{param_count(abstract_state['params']['visual']):,}", f"{param_count(abstract_state['params']['llm']):,}",
@@ -237,17 +131,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   per_process = tc.batch_size // jax.process_count()
   curriculum_steps = config.data.curriculum.steps if data.curriculum_tfds_dir else 0
 
+  def stream_seq_len(stage: str) -> int:
+    return (config.data.curriculum.seq_len or config.data.seq_len) if stage == "curriculum" else config.data.seq_len
+
   def open_stream(stage: str, iterator_state: dict | None):
     """Batches of one data stage ("curriculum" or "main"), resumed from `iterator_state` when given."""
-    source, seq_len = train_source, config.data.seq_len
+    source, seq_len = train_source, stream_seq_len(stage)
     if stage == "curriculum":
       source = load_split(data.curriculum_tfds_dir, "train", config.data.builder_config)
-      seq_len = config.data.curriculum.seq_len or seq_len
     it = iter(make_train_dataset(
       source, data.tokenizer, seq_len=seq_len, image_size=model_cfg.image_size,
       batch_size=per_process, seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
-      packing=config.data.packing, worker_count=config.data.worker_count, loss_on=config.data.loss_on,
-      system=config.data.system_prompt or None,
+      packing=config.data.packing, max_images_per_row=config.data.images_per_row or None,
+      worker_count=config.data.worker_count, loss_on=config.data.loss_on, system=config.data.system_prompt or None,
     ))
     if iterator_state:
       it.set_state(iterator_state)
@@ -271,9 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
                   curriculum_steps, tc.steps)
 
   # ---- train loop ----------------------------------------------------------------------------------
-  # Batches arrive as global arrays already laid out by `to_global`; jit takes their sharding as given.
-  step_fn = jax.jit(make_train_step(model, tx, tc.grad_accum), donate_argnums=(0,),
-                    in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
+  step_fn, model = parts.step, parts.model
   history: list[dict[str, float]] = []
   metrics_file = open(workdir / "metrics.jsonl", "a", buffering=1) if is_main else None
   # A live bar on terminals; logs and CI get the step lines only.
@@ -281,22 +175,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
                   disable=not (is_main and sys.stderr.isatty()))
   pending = None
   t_train = time.time()
-  t_last, tokens_since = time.time(), 0.0
+  t_last, tokens_since, steps_since, flops_since = time.time(), 0.0, 0, 0.0
 
-  def report(at_step: int, device_metrics: dict[str, jax.Array], data_set: str) -> None:
-    nonlocal t_last, tokens_since
+  n_devices = jax.device_count()
+  peak = peak_flops(jax.devices()[0].device_kind)
+
+  @functools.lru_cache(maxsize=4)
+  def step_flops(seq_len: int) -> float:
+    """Model FLOPs of one optimizer step at this row length (the first stage may use another)."""
+    return train_step_flops(model_cfg, batch=tc.batch_size, seq_len=seq_len,
+                            images_per_row=images_per_row(config, model_cfg.n_queries, seq_len),
+                            train_vit=tc.train_vit, train_resampler=tc.train_resampler, train_llm=tc.train_llm).total
+
+  def report(at_step: int, device_metrics: dict[str, jax.Array], data_set: str, seq_len: int) -> None:
+    nonlocal t_last, tokens_since, steps_since, flops_since
     m = jax.device_get(device_metrics)
     if not math.isfinite(float(m["loss"])):
       raise FloatingPointError(f"loss became {m['loss']} at step {at_step}; lower --config.train.lr")
     tokens_since += float(m["tokens"])
+    steps_since += 1
+    flops_since += step_flops(seq_len)
     record = {"step": at_step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "data": data_set}
     history.append(record)
     if at_step % tc.log_every == 0 or at_step == 1:
-      dt = time.time() - t_last
-      record.update(step_time_s=dt / max(1, tc.log_every), supervised_tokens_per_s=tokens_since / max(dt, 1e-9))
-      t_last, tokens_since = time.time(), 0.0
+      dt = max(time.time() - t_last, 1e-9)
+      step_time = dt / steps_since
+      record.update(step_time_s=step_time, supervised_tokens_per_s=tokens_since / dt,
+                    tokens_per_s_per_device=tc.batch_size * seq_len / step_time / n_devices,
+                    tflops_per_device=flops_since / dt / n_devices / 1e12)
+      if peak:
+        record["mfu"] = flops_since / dt / n_devices / peak
+      t_last, tokens_since, steps_since, flops_since = time.time(), 0.0, 0, 0.0
+      mfu = f"{record['mfu']:.1%}" if peak else "n/a"
       line = (f"step {at_step:6d}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
-              f"{record['step_time_s'] * 1000:.0f} ms/step  {record['supervised_tokens_per_s']:.0f} target tok/s")
+              f"{step_time * 1000:.0f} ms/step  {record['tokens_per_s_per_device']:.0f} tok/s/device  "
+              f"{record['supervised_tokens_per_s']:.0f} target tok/s  "
+              f"MFU {mfu}")
       if progress.disable:
         log.info(line)
       else:
@@ -331,13 +245,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
         log.info("step %d: curriculum stage done, training on the main set%s", step,
                  f" ({keep:.0%} of the steps still on the first-stage set)" if keep else "")
       from_kept = kept is not None and reads_kept_set(step, keep)
-      batch = to_global(next(kept if from_kept else batches), mesh)
+      batch = to_global(host_batch(next(kept if from_kept else batches), model_cfg), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       # Read the previous step's metrics so the host never waits on the step it just dispatched.
       if pending is not None:
         report(*pending)
-      pending = (step, metrics, "first" if stage == "curriculum" or from_kept else "main")
+      pending = (step, metrics, "first" if stage == "curriculum" or from_kept else "main",
+                 stream_seq_len("curriculum" if stage == "curriculum" or from_kept else "main"))
       progress.update(1)
       out_of_time = tc.max_minutes > 0 and (time.time() - t_train) > tc.max_minutes * 60
       if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time:

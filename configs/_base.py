@@ -17,6 +17,8 @@ def model_config(preset: QwenVLConfig) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = "runs/default"
+  # The TPU slice this config is sized for (`python -m bird_jax.compile --config=NAME` checks it fits); "" none.
+  c.topology = ""
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
@@ -41,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # a checkpoint dir with qwen.tiktoken, or a tokenizer.json; "" -> train a demo BPE
   c.data.tokenizer_vocab_size = 1024
   c.data.seq_len = 2048
+  c.data.images_per_row = 0  # image slots per packed row; 0 -> as many one-image records as fit seq_len
   c.data.packing = True
   c.data.loss_on = "assistant"  # or "qwen_official"
   c.data.worker_count = 0
@@ -70,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.steps = 1000
   c.train.batch_size = 32  # global, in sequences per optimizer step
   c.train.grad_accum = 1  # micro-batches per step, accumulated inside the jitted step
+  # LM loss over this many tokens of the sequence at a time (logits recomputed in backward); 0 -> whole rows
+  c.train.loss_chunk = 512
   c.train.lr = 2e-5
   c.train.schedule = "cosine"  # or "constant"
   c.train.warmup_ratio = 0.01

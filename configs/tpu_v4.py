@@ -19,15 +19,16 @@ from configs import _base
 def get_config():
   c = _base.get_config()
   c.workdir = "runs/bird_tpu_v4"
+  c.topology = "v4-16"
   c.data.builder_config = "official"
   c.data.seq_len = 2048
   c.data.packing = True
   c.data.worker_count = 8
   c.model = _base.model_config(QwenVLConfig.qwen_vl_chat_7b(
-    dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="minimal", vision_remat_policy="full"))
+    dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full", vision_remat_policy="full"))
   c.mesh.shape = (1, -1, 1)  # pure FSDP inside the slice
   c.train.batch_size = 256
-  c.train.grad_accum = 1
+  c.train.grad_accum = 32
   c.train.steps = 1900  # ≈ 2 epochs of 240k QA pairs packed ~8 per 2048-token row at batch 256 (adjust to your data)
   c.train.lr = 2e-5
   c.train.checkpoint_every = 200

@@ -12,7 +12,8 @@ from configs import tpu_v4
 def get_config():
   c = tpu_v4.get_config()
   c.workdir = "runs/bird_tpu_v5e"
-  c.train.batch_size = 128
-  c.train.grad_accum = 4
+  c.topology = "v5e-16"
+  c.train.batch_size = 256
+  c.train.grad_accum = 16
   c.model.remat_policy = "full"
   return c

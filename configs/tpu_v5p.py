@@ -12,7 +12,8 @@ from configs import tpu_v4
 def get_config():
   c = tpu_v4.get_config()
   c.workdir = "runs/bird_tpu_v5p"
-  c.train.batch_size = 128
-  c.train.grad_accum = 2
+  c.topology = "v5p-8"
+  c.train.batch_size = 256
+  c.train.grad_accum = 32
   c.model.remat_policy = "minimal"
   return c

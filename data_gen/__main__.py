@@ -38,27 +38,27 @@ def _build_source(args: argparse.Namespace):
                          texture_amplitude=args.texture, palette=args.palette)
   if args.source in ("sam_med2d", "png_folder"):
     if not args.root:
-      raise SystemExit(f"--source {args.source} needs --root DIR (the dataset folder to read)")
+      raise ValueError(f"--source {args.source} needs --root DIR (the dataset folder to read)")
     try:
       if args.source == "sam_med2d":
         from data_gen.sources.sam_med2d import SamMed2DSource as Src
       else:
         from data_gen.sources.png_folder import PngFolderSource as Src
     except ImportError as e:
-      raise SystemExit(f"--source {args.source} is not available in this version ({e})") from e
+      raise ValueError(f"--source {args.source} is not available in this version ({e})") from e
     kw = {}
     if args.modalities:
       kw["modality"] = args.modalities.strip()
     return Src(args.root, **kw)
   if args.source in ("msd", "nnunet"):
     if not args.root:
-      raise SystemExit(f"--source {args.source} needs --root DIR (the folder holding dataset.json)")
+      raise ValueError(f"--source {args.source} needs --root DIR (the folder holding dataset.json)")
     from data_gen.sources.nifti import MsdSource, NnUNetSource
 
     Src = MsdSource if args.source == "msd" else NnUNetSource
     return Src(args.root, axis=args.axis, ct_window=args.ct_window, max_slices_per_case=args.max_slices_per_case,
                seed=args.seed, modality=args.modalities.strip() if args.modalities else None)
-  raise SystemExit(f"unknown --source {args.source!r}; use phantom, sam_med2d, png_folder, msd or nnunet")
+  raise ValueError(f"unknown --source {args.source!r}; use phantom, sam_med2d, png_folder, msd or nnunet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", type=Path)
     a = p.parse_args(argv[1:])
     if not (a.folder / "train.json").is_file():
-      raise SystemExit(f"{a.folder} has no train.json; point `stats` at a dataset folder")
+      print(f"error: {a.folder} has no train.json; point `stats` at a dataset folder", file=sys.stderr)
+      return 2
     write_stats(a.folder)
     print((a.folder / "stats.md").read_text())
     return 0

@@ -33,8 +33,7 @@ REFERRING_Q_PX = "What is at <ref>this region</ref>[38.4, 98.6, 179.2, 226.2]?"
 
 @pytest.fixture(scope="module")
 def loaded():
-  if not FIXTURE.exists():
-    pytest.skip(f"fixture missing: {FIXTURE}")
+  assert FIXTURE.is_dir(), f"fixture missing: {FIXTURE} (../shared must sit next to the repo; CI always has it)"
   ref = json.loads((FIXTURE / "reference.json").read_text())["prompts"]
   return api.load(CKPT), ref
 
@@ -136,8 +135,7 @@ def test_load_errors_name_the_fix(tmp_path):
 
 
 def test_chat_cli_with_piped_stdin(tmp_path):
-  if not FIXTURE.exists():
-    pytest.skip(f"fixture missing: {FIXTURE}")
+  assert FIXTURE.is_dir(), f"fixture missing: {FIXTURE} (../shared must sit next to the repo; CI always has it)"
   env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", XLA_FLAGS="")
   stdin = "/box 10 10 100 100\nWhat is the object at {box}?\n/reset\nWhere is the liver?\n/quit\n"
   r = subprocess.run(

@@ -1,8 +1,10 @@
 """data_gen LLM stage against a real loopback HTTP server that speaks the OpenAI chat/files/batches API.
 
 The server (stdlib http.server in a thread) plays the model: it reads the facts block of each prompt and answers
-from it, and it can be scripted per stage to fail (429, 500, hang past the timeout) or to answer badly (malformed
-JSON, an invented box, an unknown label). The client under test is the real `openai` package over real sockets.
+from it, and it can be scripted per stage to fail (429, 500, hang until the client gives up) or to answer badly
+(malformed JSON, an invented box, an unknown label). The client under test is the real `openai` package over real
+sockets. Nothing here depends on speed: a hung request is held until the client closes the connection, and
+concurrency is checked by holding requests until the expected number is in flight.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter, deque
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -95,12 +97,20 @@ def _body_hash(body: dict[str, Any]) -> str:
 
 
 class FakeOpenAI:
-  """Loopback OpenAI-compatible server. faults: {stage: [fault, ...]} consumed one per request of that stage."""
+  """Loopback OpenAI-compatible server. faults: {stage: [fault, ...]} consumed one per request of that stage.
 
-  def __init__(self, *, faults: dict[str, list[str]] | None = None, delay_s: float = 0.0, hang_s: float = 3.0,
+  gate_inflight=N holds every chat request until N are in flight at once (then holds none): a client that really
+  runs N requests concurrently opens the gate, so `max_inflight == N` is exact, whatever the machine's speed.
+  """
+
+  def __init__(self, *, faults: dict[str, list[str]] | None = None, gate_inflight: int = 0,
                api_key: str = KEY) -> None:
     self.faults = {k: deque(v) for k, v in (faults or {}).items()}
-    self.delay_s, self.hang_s, self.api_key = delay_s, hang_s, api_key
+    self.gate_inflight, self.api_key = gate_inflight, api_key
+    self.gate_open = threading.Event()
+    self.stopping = threading.Event()  # set at teardown: releases requests still held
+    self.hung_then_abandoned = 0  # "hang" requests the client gave up on (closed the connection)
+    self.abandoned = threading.Event()  # set at the first of them
     self.lock = threading.RLock()
     self.calls: Counter = Counter()
     self.answered: list[str] = []  # body hashes of chat requests answered 200
@@ -125,6 +135,8 @@ class FakeOpenAI:
     return self
 
   def __exit__(self, *exc: object) -> None:
+    self.stopping.set()
+    self.gate_open.set()
     self.httpd.shutdown()
     self.httpd.server_close()
 
@@ -192,6 +204,19 @@ class FakeOpenAI:
           self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
           pass  # the client gave up (timeout test)
+
+      def _hold(self, event: threading.Event) -> bool:
+        """Holds this request until `event` is set (True) or the client closes the connection (False)."""
+        while not event.wait(0.05):  # the poll interval is only how soon a closed connection is noticed
+          if select.select([self.connection], [], [], 0)[0]:
+            try:
+              closed = not self.connection.recv(4096)
+            except OSError:
+              closed = True
+            if closed:
+              self.close_connection = True
+              return False
+        return True
 
       def _authorized(self) -> bool:
         token = self.headers.get("Authorization", "")
@@ -270,15 +295,23 @@ class FakeOpenAI:
             return
           srv.inflight += 1
           srv.max_inflight = max(srv.max_inflight, srv.inflight)
+          if srv.inflight >= srv.gate_inflight:
+            srv.gate_open.set()
+        if not self._hold(srv.gate_open):  # the client gave up while this request waited at the gate
+          with srv.lock:
+            srv.inflight -= 1
+          return
         prompt = body["messages"][-1]["content"]
         stage = STAGES[STAGE_RE.search(prompt).group(1)]
         fault = srv.next_fault(stage)
-        time.sleep(srv.delay_s)
-        if fault == "hang":
+        if fault == "hang":  # no answer at all: held until the client times out and closes the connection
           with srv.lock:
             srv.inflight -= 1  # the client abandons it at its timeout; don't count the zombie
-          time.sleep(srv.hang_s)
-          self._send(200, _completion(body, _answer(stage, prompt, "ok")))
+          if not self._hold(srv.stopping):
+            with srv.lock:
+              srv.hung_then_abandoned += 1
+            srv.abandoned.set()
+          self.close_connection = True
           return
         code, headers, obj = 200, {}, None
         if fault == "429":
@@ -412,7 +445,7 @@ def test_faults_retries_rejections_cache_and_secret(tmp_path, key_env, caplog):
             "conversation": ["malformed", "invented_box", "unknown_label"],
             "regions": ["invented_box"]}
   cache = tmp_path / "cache"
-  with FakeOpenAI(faults=faults, delay_s=0.05) as srv:
+  with FakeOpenAI(faults=faults, gate_inflight=2) as srv:
     m = _gen(tmp_path / "a", _cfg(srv, cache))
     s = m["llm"]["stats"]
     # 6 descriptions + 2 region requests (test images) + 4 train images x 2 conversations.
@@ -427,6 +460,9 @@ def test_faults_retries_rejections_cache_and_secret(tmp_path, key_env, caplog):
     assert s["prompt_tokens"] == 100 * 16 and s["completion_tokens"] == 20 * 16  # the hung answer never arrived
     assert s["cost_usd"] == pytest.approx((100 * 16 * 1.0 + 20 * 16 * 2.0) / 1e6)
     assert 2 == srv.max_inflight  # bounded by --llm-concurrency, and actually concurrent
+    # The hung request got no answer: the client timed out and closed that connection (the server sees it soon
+    # after; the bound is only against waiting forever).
+    assert srv.abandoned.wait(timeout=60) and srv.hung_then_abandoned == 1
     assert m["params"]["llm"]["model"] == "gpt-4o-mini"
 
     out = tmp_path / "a"

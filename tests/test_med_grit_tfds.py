@@ -18,6 +18,13 @@ from bird_jax.data.med_grit import Builder, MedGritConfig
 from bird_jax.data.tiny_dataset import TASKS, write_tiny_med_grit
 
 TFDS_BIN = Path(sys.executable).parent / "tfds"
+# python -c REPORT_TF_AT_EXIT SCRIPT ARGS...: runs SCRIPT as __main__ and, however it exits, prints on stderr whether
+# TensorFlow got imported in that process.
+REPORT_TF_AT_EXIT = """import atexit, runpy, sys
+atexit.register(lambda: print(f"tensorflow imported: {'tensorflow' in sys.modules}", file=sys.stderr, flush=True))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def _bad_records(root: Path) -> list:
@@ -147,14 +154,16 @@ def test_phantom_fallback_without_manual_dir(tmp_path):
 def test_tfds_console_script_builds_without_tensorflow(folder, tmp_path):
   root, written = folder
   out = tmp_path / "tfds"
-  cmd = [str(TFDS_BIN), "build", "med_grit", "--data_dir", str(out), "--manual_dir", str(root)]
+  # The console script itself, run by a wrapper that reports at exit whether the CLI's process imported TensorFlow.
+  cmd = [sys.executable, "-c", REPORT_TF_AT_EXIT, str(TFDS_BIN), "build", "med_grit", "--data_dir", str(out),
+         "--manual_dir", str(root)]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "skipped 11 of 17 records" in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == "tensorflow imported: False"
   prepared = out / "med_grit" / "generated" / "1.0.0"
   assert sorted(p.name for p in prepared.glob("*.array_record*")) == [
     "med_grit-test.array_record-00000-of-00001", "med_grit-train.array_record-00000-of-00001"]
-  assert "tensorflow" not in sys.modules  # neither here (read-back below) nor needed by the CLI
   train = tfds.data_source("med_grit", split="train", data_dir=out)
   assert sorted(_by_id(train)) == sorted(r["id"] for r in written["train"])
 

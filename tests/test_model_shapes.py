@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -176,14 +177,55 @@ def test_tiny_model_trains():
   )
 
 
+REFERENCE_NOTE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qwen_vl.md"
+
+
+def _checkpoint_table_counts() -> tuple[int, dict[str, int]]:
+  """(tensor count, parameters per tower) of the released checkpoint, summed from the shapes in the reference
+  note's §3 table (names and shapes of the torch checkpoint): independent of bird_jax's model code."""
+  import re
+
+  assert REFERENCE_NOTE.is_file(), f"missing {REFERENCE_NOTE} (../shared must sit next to the repo; CI has it)"
+  text = REFERENCE_NOTE.read_text()
+  table = text[text.index("## 3. Checkpoint parameter names"):text.index("## 4. Tokenizer")]
+  rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+  ranges = {m.group(1): int(m.group(3)) - int(m.group(2)) + 1
+            for m in re.finditer(r"(transformer\.h|resblocks)\.\{(\d+)\.\.(\d+)\}", table)}
+  assert ranges == {"transformer.h": 32, "resblocks": 48}, ranges
+  n_tensors, towers = 0, {"vit_trunk": 0, "resampler": 0, "ln_post_proj": 0, "llm_total": 0}
+  for name_cell, shape_cell in rows:
+    name = name_cell.strip().strip("`").replace("…resblocks", "transformer.visual.transformer.resblocks")
+    shapes = [tuple(int(d) for d in m.split(",") if d.strip()) for m in re.findall(r"\(([\d, ]+)\)", shape_cell)]
+    alt = re.search(r"\{(weight,bias)\}", name)
+    names = [name.replace(alt.group(0), v) for v in alt.group(1).split(",")] if alt else [name]
+    shapes = shapes * len(names) if len(shapes) == 1 else shapes
+    assert len(shapes) == len(names), (name, shape_cell)
+    repeat = next((n for key, n in ranges.items() if key + "." in name), 1)
+    size = repeat * sum(int(np.prod(shape)) for shape in shapes)
+    n_tensors += repeat * len(names)
+    if "visual." not in name:
+      towers["llm_total"] += size
+    elif "attn_pool" in name:
+      towers["resampler"] += size
+    elif "visual.ln_post" in name or name.endswith("visual.proj"):
+      towers["ln_post_proj"] += size
+    else:
+      towers["vit_trunk"] += size
+  return n_tensors, towers
+
+
 def test_qwen_vl_chat_7b_param_counts():
-  """Shapes only (eval_shape): per-tower counts of the released model (qwen_vl.md §1.1, §2.1)."""
+  """Shapes only (eval_shape): per-tower counts of the released model equal the checkpoint's (the reference
+  note's tensor table, summed here), so the Flax model holds exactly the released tensors' parameters."""
   from bird_jax.benchmarks.model_memory import breakdown
 
+  n_tensors, want = _checkpoint_table_counts()
+  assert n_tensors == 853  # the note's own count check: the table was read completely
   counts = breakdown(QwenVLConfig.qwen_vl_chat_7b())
-  assert counts["total"] == 9_656_935_168
-  assert counts["vit_trunk"] == 1_842_770_688 and counts["resampler"] == 76_054_528
-  assert counts["llm_total"] == 7_721_324_544
+  got = {k: counts[k] for k in want}
+  assert got == want
+  assert counts["visual_total"] == want["vit_trunk"] + want["resampler"] + want["ln_post_proj"]
+  assert counts["total"] == sum(want.values())
 
 
 def test_config_constructors_round_trip():
@@ -200,9 +242,9 @@ def test_config_constructors_round_trip():
   assert back == dataclasses.replace(demo, resampler_heads=demo.num_resampler_heads)
   assert QwenVLConfig(**dataclasses.asdict(cfg)) == cfg  # what an ml_collections config dict feeds in
   fixture = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen_vl_tiny_official" / "checkpoint"
-  if fixture.exists():
-    small = QwenVLConfig.from_hf_config(json.loads((fixture / "config.json").read_text()))
-    assert (small.hidden_size, small.num_resampler_heads, small.n_queries, small.vision_mlp_dim) == (128, 1, 256, 315)
+  assert fixture.is_dir(), f"fixture missing: {fixture} (../shared must sit next to the repo; CI always has it)"
+  small = QwenVLConfig.from_hf_config(json.loads((fixture / "config.json").read_text()))
+  assert (small.hidden_size, small.num_resampler_heads, small.n_queries, small.vision_mlp_dim) == (128, 1, 256, 315)
   with pytest.raises(ValueError, match="remat_policy"):
     QwenVLConfig.tiny(remat_policy="sometimes")
   with pytest.raises(ValueError, match="lacks key"):

@@ -1,4 +1,7 @@
-"""The train step: it learns, it is the same on 1 and 8 devices, accumulation is exact, Orbax resumes exactly."""
+"""The train step: it learns; 1 device, 8 devices and every mesh layout give the same steps; gradient
+accumulation, the chunked loss, scanned layers and remat are exact; frozen towers never move; Orbax resumes
+exactly. Steps run with plain SGD where weights are compared, so a wrong gradient scale shows in the weights
+(Adam would normalise it away)."""
 
 from __future__ import annotations
 
@@ -8,12 +11,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from bird_jax import sharding as shd
 from bird_jax.checkpoint import Checkpointer
 from bird_jax.model import QwenVL, QwenVLConfig
-from bird_jax.train import build_optimizer, create_state_shardings, make_train_step, to_global
+from bird_jax.train_step import (
+  build_optimizer,
+  create_state_shardings,
+  make_train_step,
+  to_global,
+  token_nll,
+  trainable_of,
+)
 
 CFG = QwenVLConfig.tiny()
 
@@ -27,7 +38,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def fixed_batch(batch: int = 8, length: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
-  """Token rows with one `<img>` + n_queries slots + `</img>` each, random text around them."""
+  """Token rows with one `<img>` + n_queries slots + `</img>` each, random text around them; row 1 is padded
+  at the end and row 2 packs two segments."""
   rng = np.random.default_rng(seed)
   ids = rng.integers(0, 400, size=(batch, length)).astype(np.int32)
   ids[:, 2] = CFG.image_start_id
@@ -36,33 +48,43 @@ def fixed_batch(batch: int = 8, length: int = 32, seed: int = 0) -> dict[str, np
   labels = np.concatenate([ids[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
   loss_mask = np.zeros((batch, length), np.float32)
   loss_mask[:, 4 + CFG.n_queries:-1] = 1.0
+  loss_mask[:, 4 + CFG.n_queries + 3] = 0.0  # an unsupervised token inside the answer
   segment_ids = np.ones((batch, length), np.int32)
   segment_ids[1, -4:] = 0  # a padded row
   loss_mask[1, -5:] = 0.0
   positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
+  segment_ids[2, 20:] = 2  # two packed segments; the second restarts its positions
+  positions[2, 20:] = np.arange(length - 20)
   pixels = rng.normal(size=(batch, 1, CFG.image_size, CFG.image_size, 3)).astype(np.float32)
   return dict(input_ids=ids, labels=labels, loss_mask=loss_mask, segment_ids=segment_ids, positions=positions,
               pixel_values=pixels)
 
 
-def setup(mesh_shape, devices, tc, model_cfg=CFG):
+def setup(mesh_shape, devices, tc, model_cfg=CFG, *, sgd: float = 0.0, loss_chunk: int = 0):
+  """(mesh, state, jitted step, state shardings). sgd > 0: plain SGD at that rate instead of the AdamW recipe."""
   mesh = shd.make_mesh(mesh_shape, devices)
-  tx, init_state, _, shardings = create_state_shardings(
-    model_cfg, lambda p: build_optimizer(tc, p, 100), mesh, shd.DEFAULT_RULES, seed=0)
+  make_tx = (lambda p: optax.sgd(sgd)) if sgd else (lambda p: build_optimizer(tc, p, 100))
+  tx, init_state, abstract, shardings = create_state_shardings(model_cfg, make_tx, mesh, shd.DEFAULT_RULES, seed=0)
   with jax.set_mesh(mesh):
     state = jax.jit(init_state, out_shardings=shardings)()
-  step = jax.jit(make_train_step(QwenVL(model_cfg), tx, tc.grad_accum), donate_argnums=(0,),
-                 out_shardings=(shardings, None))
+  fn = make_train_step(QwenVL(model_cfg), tx, trainable=trainable_of(tc, abstract["params"]),
+                       grad_accum=tc.grad_accum, loss_chunk=loss_chunk, param_shardings=shardings["params"])
+  step = jax.jit(fn, donate_argnums=(0,), out_shardings=(shardings, None))
   return mesh, state, step, shardings
 
 
-def run_steps(mesh, state, step, batch, n):
-  losses = []
+def run_steps(mesh, state, step, batch, n, *, key="loss"):
+  values = []
   with jax.set_mesh(mesh):
     for _ in range(n):
       state, metrics = step(state, to_global(batch, mesh))
-      losses.append(float(metrics["loss"]))
-  return state, losses
+      values.append({k: float(v) for k, v in metrics.items()})
+  return state, [v[key] for v in values] if key else values
+
+
+def assert_same_params(a, b, rtol=1e-5, atol=1e-7):
+  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 def test_train_step_lowers_loss_on_a_fixed_batch():
@@ -71,45 +93,104 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
   assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_one_device_and_eight_devices_agree():
+def test_learning_rate_starts_at_the_peak_without_warmup():
+  from bird_jax.train_step import learning_rate
+
+  assert float(learning_rate(train_config(), 100)(0)) == pytest.approx(3e-3)
+  assert float(learning_rate(train_config(schedule="cosine"), 100)(0)) == pytest.approx(3e-3)
+  assert float(learning_rate(train_config(warmup_ratio=0.1), 100)(0)) == 0.0
+  assert float(learning_rate(train_config(warmup_ratio=0.1), 100)(10)) == pytest.approx(3e-3)
+
+
+@pytest.mark.parametrize("layout", [(2, 2, 2), (1, 8, 1), (8, 1, 1), (1, 4, 2)])
+def test_one_device_and_eight_device_layouts_take_the_same_steps(layout):
   assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
   tc = train_config()
   batch = fixed_batch()
-  m1, s1, f1, _ = setup((1, 1, 1), jax.devices()[:1], tc)
-  m8, s8, f8, sh8 = setup((2, 2, 2), jax.devices(), tc)
-  # Weights really are split over the 8-device mesh.
+  m1, s1, f1, _ = setup((1, 1, 1), jax.devices()[:1], tc, sgd=0.5)
+  m8, s8, f8, sh8 = setup(layout, jax.devices(), tc, sgd=0.5)
   specs = {str(s.spec) for s in jax.tree.leaves(sh8["params"])}
-  assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs), specs
-  s1, l1 = run_steps(m1, s1, f1, batch, 3)
-  s8, l8 = run_steps(m8, s8, f8, batch, 3)
-  np.testing.assert_allclose(l1, l8, rtol=2e-5, atol=2e-5)
-  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"]), strict=True):
-    # Adam normalises tiny gradients, so reduction-order noise shows in the weights at ~lr scale, not 1e-7.
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-3)
+  for axis, size in zip(("data", "fsdp", "tensor"), layout, strict=True):
+    if axis != "data" and size > 1:  # weights really are split over the mesh
+      assert any(axis in s for s in specs), (axis, specs)
+  s1, r1 = run_steps(m1, s1, f1, batch, 3, key=None)
+  s8, r8 = run_steps(m8, s8, f8, batch, 3, key=None)
+  for a, b in zip(r1, r8, strict=True):
+    np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]], rtol=2e-5)
+  assert_same_params(s1["params"], s8["params"], rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_accumulation_matches_the_big_batch():
   batch = fixed_batch(batch=8)
   devices = jax.devices()[:1]
-  m, s_full, f_full, _ = setup((1, 1, 1), devices, train_config(grad_accum=1))
-  _, s_acc, f_acc, _ = setup((1, 1, 1), devices, train_config(grad_accum=4))
-  s_full, l_full = run_steps(m, s_full, f_full, batch, 2)
-  s_acc, l_acc = run_steps(m, s_acc, f_acc, batch, 2)
-  np.testing.assert_allclose(l_full, l_acc, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s_full["params"]), jax.tree.leaves(s_acc["params"]), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-3)
+  m, s_full, f_full, _ = setup((1, 1, 1), devices, train_config(grad_accum=1), sgd=0.5)
+  _, s_acc, f_acc, _ = setup((1, 1, 1), devices, train_config(grad_accum=4), sgd=0.5)
+  s_full, r_full = run_steps(m, s_full, f_full, batch, 3, key=None)
+  s_acc, r_acc = run_steps(m, s_acc, f_acc, batch, 3, key=None)
+  for a, b in zip(r_full, r_acc, strict=True):
+    np.testing.assert_allclose([a["loss"], a["grad_norm"], a["tokens"]], [b["loss"], b["grad_norm"], b["tokens"]],
+                               rtol=1e-5)
+  assert r_full[0]["loss"] - r_full[-1]["loss"] > 1e-3  # the steps really moved the weights
+  assert_same_params(s_full["params"], s_acc["params"])
 
 
-def test_frozen_towers_do_not_move():
+def test_gradient_accumulation_on_eight_devices_with_the_recipe_optimizer():
+  """Micro-batches are strided over the sharded batch; with AdamW (no warm-up) the steps still agree."""
+  batch = fixed_batch(batch=16)
+  m1, s1, f1, _ = setup((1, 1, 1), jax.devices()[:1], train_config(grad_accum=1))
+  m8, s8, f8, _ = setup((1, 4, 2), jax.devices(), train_config(grad_accum=2))
+  _, r1 = run_steps(m1, s1, f1, batch, 3, key=None)
+  _, r8 = run_steps(m8, s8, f8, batch, 3, key=None)
+  for a, b in zip(r1, r8, strict=True):
+    np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]], rtol=1e-4)
+  assert r1[-1]["loss"] < r1[0]["loss"]
+
+
+def test_chunked_loss_equals_the_full_logits_loss():
+  """Loss and gradients of the chunked LM loss (chunks that divide the row and one that leaves a remainder)
+  equal those of the full [B, L, V] logits."""
+  model = QwenVL(CFG)
+  from bird_jax.model import init_params
+
+  params = jax.tree.map(jnp.asarray, __import__("flax").linen.unbox(init_params(CFG, jax.random.key(1))))
+  batch = {k: jnp.asarray(v) for k, v in fixed_batch().items()}
+  grad = jax.jit(jax.value_and_grad(lambda p, chunk: token_nll(model, p, batch, chunk)[0]), static_argnums=1)
+  want_loss, want_grads = grad(params, 0)
+  for chunk in (8, 7, 64):
+    loss, grads = grad(params, chunk)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    assert_same_params(grads, want_grads, rtol=1e-4, atol=1e-7)
+
+
+def test_frozen_towers_do_not_move_and_get_no_gradient():
   tc = train_config(train_vit=False, train_resampler=True, train_llm=True)
   mesh, state, step, _ = setup((1, 1, 1), jax.devices()[:1], tc)
   before = jax.device_get(state["params"])
   state, _ = run_steps(mesh, state, step, fixed_batch(), 2)
   after = jax.device_get(state["params"])
-  np.testing.assert_array_equal(before["visual"]["conv1"]["kernel"], after["visual"]["conv1"]["kernel"])
-  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before["visual"]["attn_pool"], after["visual"]["attn_pool"])
-  assert any(jax.tree.leaves(moved))
+  vis_b, vis_a = before["visual"], after["visual"]
+  for name in ("conv1", "positional_embedding", "ln_pre", "ln_post", "proj"):
+    assert_same_params(vis_b[name], vis_a[name], rtol=0, atol=0)
+  trunk = [k for k in vis_b if k.startswith("resblocks")]
+  assert trunk
+  for name in trunk:
+    assert_same_params(vis_b[name], vis_a[name], rtol=0, atol=0)
+  np.testing.assert_array_equal(vis_b["attn_pool"]["pos_embed"], vis_a["attn_pool"]["pos_embed"])
+  pool = {k: v for k, v in vis_b["attn_pool"].items() if k != "pos_embed"}
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), pool, {k: vis_a["attn_pool"][k] for k in pool})
+  assert all(jax.tree.leaves(moved)), moved
   assert np.any(before["llm"]["wte"]["embedding"] != after["llm"]["wte"]["embedding"])
+
+  # The frozen trunk is not differentiated at all: the step costs what the same step costs with the ViT's
+  # inputs cut off by stop_gradient, not what it costs when the ViT trains.
+  def step_flops(train_vit):
+    t = train_config(train_vit=train_vit)
+    m, s, f, _ = setup((1, 1, 1), jax.devices()[:1], t)
+    with jax.set_mesh(m):
+      return f.lower(s, to_global(fixed_batch(), m)).compile().cost_analysis()["flops"]
+
+  frozen, trained = step_flops(False), step_flops(True)
+  assert frozen < trained, (frozen, trained)
 
 
 def test_orbax_save_restore_continue_gives_identical_losses(tmp_path):
@@ -134,22 +215,45 @@ def test_orbax_save_restore_continue_gives_identical_losses(tmp_path):
     Checkpointer(tmp_path / "ckpt").restore(target, expect_meta={"scan_layers": True})
 
 
-def test_scan_layers_and_remat_train_the_same_as_unrolled():
+def stacked(params: dict, scanned_names: dict[str, str]) -> dict:
+  """Unrolled params (`h_0`, `h_1`, …) -> the scanned layout (`h` with a leading layer axis)."""
+  out = {}
+  for key, value in params.items():
+    base = key.rsplit("_", 1)[0]
+    if base in scanned_names and key[len(base) + 1:].isdigit():
+      continue
+    out[key] = stacked(value, scanned_names) if isinstance(value, dict) else value
+  for base in scanned_names:
+    layers = sorted((k for k in params if k.rsplit("_", 1)[0] == base and k[len(base) + 1:].isdigit()),
+                    key=lambda k: int(k.rsplit("_", 1)[1]))
+    if layers:
+      out[base] = jax.tree.map(lambda *xs: np.stack(xs), *(params[k] for k in layers))
+  return out
+
+
+@pytest.mark.parametrize("policy", ["full", "minimal"])
+def test_scan_layers_and_remat_train_the_same_as_unrolled(policy):
+  """Same weights in both layouts (the unrolled init stacked into the scanned one), three SGD steps: the
+  losses, gradient norms and weights agree."""
   tc = train_config()
   batch = fixed_batch()
-  m, s_a, f_a, _ = setup((1, 1, 1), jax.devices()[:1], tc)
-  scanned = dataclasses.replace(CFG, scan_layers=True, remat_policy="full")
-  _, s_b, f_b, _ = setup((1, 1, 1), jax.devices()[:1], tc, model_cfg=scanned)
-  _, l_a = run_steps(m, s_a, f_a, batch, 1)
-  _, l_b = run_steps(m, s_b, f_b, batch, 1)
-  # Different parameter layouts draw different random inits; both must at least be finite and learning-ready.
-  assert np.isfinite(l_a[0]) and np.isfinite(l_b[0])
-  assert jnp.abs(l_a[0] - l_b[0]) < 1.0
+  m, s_a, f_a, _ = setup((1, 1, 1), jax.devices()[:1], tc, sgd=0.5)
+  scanned = dataclasses.replace(CFG, scan_layers=True, remat_policy=policy, vision_remat_policy="full")
+  _, s_b, f_b, _ = setup((1, 1, 1), jax.devices()[:1], tc, model_cfg=scanned, sgd=0.5)
+  names = {"h": "llm", "resblocks": "visual"}
+  s_b = {**s_b, "params": jax.tree.map(jnp.asarray, stacked(jax.device_get(s_a["params"]), names))}
+  s_a, r_a = run_steps(m, s_a, f_a, batch, 3, key=None)
+  s_b, r_b = run_steps(m, s_b, f_b, batch, 3, key=None)
+  for a, b in zip(r_a, r_b, strict=True):
+    np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]], rtol=1e-5)
+  assert r_a[0]["loss"] - r_a[-1]["loss"] > 1e-3
+  assert_same_params(stacked(jax.device_get(s_a["params"]), names), s_b["params"], rtol=1e-5, atol=1e-7)
 
 
 def test_init_from_a_hugging_face_checkpoint_starts_from_its_weights(fixtures_dir):
   from bird_jax.model.convert import load_pretrained
-  from bird_jax.train import fresh_state, model_config_from
+  from bird_jax.train import fresh_state
+  from bird_jax.train_step import model_config_from
   from configs import _base
 
   config = _base.get_config()

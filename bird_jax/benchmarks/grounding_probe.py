@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   from bird_jax.data.pipeline import as_turn_pairs, eval_examples, load_split, make_train_dataset
   from bird_jax.inference import load_checkpoint
   from bird_jax.model import encode_images
-  from bird_jax.train import token_nll
+  from bird_jax.train_step import token_nll
 
   config, _, rest = parse_config_flags(sys.argv[1:] if argv is None else argv)
   n_images = int(rest[0].split("=", 1)[1]) if rest and rest[0].startswith("--images=") else 300

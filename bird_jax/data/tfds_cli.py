@@ -56,10 +56,20 @@ def build_main(argv: Sequence[str]) -> None:
 
   def run(args: build.Args) -> None:
     _setup_logging()
+    from bird_jax.data.med_grit.records import UnreadableFile
+
     try:
       args.execute()
-    except FileNotFoundError as e:  # missing inputs: the message already says what to pass
-      sys.exit(f"tfds build: {e}")
+    except (FileNotFoundError, UnreadableFile) as e:  # bad inputs: the message already says what to pass
+      # Its first line names the flag or file and the fix; instructions that follow it go above, so the last
+      # line of stderr is that one line. Exit status 2, as for the other command-line mistakes.
+      head, _, details = str(e).partition("\n")
+      if details.strip():
+        print(details.rstrip(), file=sys.stderr)
+        head = head.rstrip(" :")
+        head += " above" if head.endswith("instructions") else " (details above)"
+      print(f"tfds build: error: {head}", file=sys.stderr)
+      sys.exit(2)
 
   # absl's app.run parses its own flags from sys.argv; hand it exactly the build command line.
   sys.argv = [str(argv[0]), *_with_defaults(list(argv[1:]))]

@@ -20,6 +20,8 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "minimal", "dots", "dots_with_no_batch_dims")
+# Self-attention kernels (bird_jax.model.attention_ops): "auto" = splash on TPU, cuDNN on GPU (bf16), XLA else.
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 RESAMPLER_INITS = ("qwen", "local")
 
 
@@ -68,6 +70,8 @@ class QwenVLConfig:
   remat_policy: str = "none"
   # "" -> same as remat_policy.
   vision_remat_policy: str = ""
+  # Training / prefill self-attention of the decoder and the ViT; decode steps always use the cache path.
+  attention_impl: str = "auto"
   initializer_range: float = 0.02
 
   def __post_init__(self) -> None:
@@ -88,6 +92,8 @@ class QwenVLConfig:
         f"QwenVLConfig: hidden_size {self.hidden_size} not divisible by resampler heads "
         f"{self.num_resampler_heads}"
       )
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"QwenVLConfig.attention_impl={self.attention_impl!r}; use one of {ATTENTION_IMPLS}")
     if self.resampler_init not in RESAMPLER_INITS:
       raise ValueError(f"QwenVLConfig.resampler_init={self.resampler_init!r}; use one of {RESAMPLER_INITS}")
     if int(round(self.n_queries**0.5)) ** 2 != self.n_queries:

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bird_jax.model.attention_ops import fused_attention, resolve_impl
 from bird_jax.model.config import QwenVLConfig
 from bird_jax.model.layers import (
   BLE,
@@ -72,6 +73,9 @@ def pad_cache(cache: KVCache, extra: int, dtype: jnp.dtype | None = None) -> KVC
 
 class QwenAttention(nn.Module):
   cfg: QwenVLConfig
+  # Static: "" -> `mask` is the dense [B, Lq, S] boolean mask (XLA attention, and every decode step); else the
+  # fused kernel of that name (attention_ops) and `mask` holds the [B, L] segment ids of a training/prefill row.
+  fused: str = ""
 
   @nn.compact
   def __call__(
@@ -103,7 +107,10 @@ class QwenAttention(nn.Module):
     v_layout = lambda t: t.transpose(0, 2, 1, 3).reshape(bh, -1, cfg.head_dim)
     if cache is None:
       new_kv = (k_layout(k), v_layout(v))
-      out = attention(q, k, v, mask[:, None], cfg.compute_dtype)
+      if self.fused:
+        out = fused_attention(q, k, v, segment_ids=mask, causal=True, impl=self.fused, dtype=cfg.compute_dtype)
+      else:
+        out = attention(q, k, v, mask[:, None], cfg.compute_dtype)
     else:
       ck, cv = cache
       zero = jnp.zeros((), jnp.int32)
@@ -144,6 +151,7 @@ class QwenBlock(nn.Module):
   # slice of the stacked cache in place and passes the cache on, so the scan neither slices the cache into
   # per-layer inputs nor stacks per-layer outputs back (each a full copy of the cache per token).
   carry_cache: bool = False
+  fused: str = ""  # QwenAttention.fused
 
   @nn.compact
   def __call__(
@@ -161,7 +169,8 @@ class QwenBlock(nn.Module):
     if self.carry_cache:
       x, cache, layer = x
     norm = lambda n: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name=n)
-    h, kv = QwenAttention(cfg, name="attn")(norm("ln_1")(x), positions, mask, inv_freq, logn, cache, cache_index, layer)
+    attn = QwenAttention(cfg, self.fused, name="attn")
+    h, kv = attn(norm("ln_1")(x), positions, mask, inv_freq, logn, cache, cache_index, layer)
     x = x + h
     x = x + QwenMLP(cfg, name="mlp")(norm("ln_2")(x))
     x = constrain(x, BLE)
@@ -257,8 +266,14 @@ class QwenLM(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (batch, length))
       if cache_index is not None:
         positions = positions + cache_index
+    fused = ""
     if cache is None:
-      mask = causal_segment_mask(segment_ids, batch, length)
+      impl = resolve_impl(cfg.attention_impl, dtype=cfg.compute_dtype, head_dim=cfg.head_dim, seq_len=length)
+      if impl == "xla":
+        mask = causal_segment_mask(segment_ids, batch, length)
+      else:  # the kernel takes the segment ids themselves; no [B, L, L] mask is built
+        fused = impl
+        mask = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     else:
       if kv_mask is None or cache_index is None:
         raise ValueError("QwenLM decode mode needs cache_index and kv_mask")
@@ -286,6 +301,7 @@ class QwenLM(nn.Module):
       name="h",
       return_kv=return_kv,
       carry_cache=carry_cache,
+      fused=fused,
     )
     if carry_cache:
       (x, kv, _), _ = blocks(

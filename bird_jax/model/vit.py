@@ -22,11 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bird_jax.model.attention_ops import fused_attention
 from bird_jax.model.config import QwenVLConfig
 from bird_jax.model.layers import (
   BLE,
   LayerNorm,
-  attention,
   constrain,
   dense_general,
   gelu_exact,
@@ -49,7 +49,7 @@ class VisionAttention(nn.Module):
     h, d = cfg.vision_heads, cfg.vision_head_dim
     proj = lambda n: dense_general((h, d), ("vit_embed", "vit_heads", "vit_kv"), cfg, name=n)(x)
     q, k, v = proj("query"), proj("key"), proj("value")
-    out = attention(q, k, v, None, cfg.compute_dtype)
+    out = fused_attention(q, k, v, causal=False, impl=cfg.attention_impl, dtype=cfg.compute_dtype)
     return dense_general(
       cfg.vision_width, ("vit_heads", "vit_kv", "vit_embed"), cfg, axis=(-2, -1), name="out"
     )(out)

@@ -121,7 +121,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       given = getattr(dl_manager, "_manual_dir", None)
       default = Path(dl_manager.download_dir) / "manual"
       if given is not None and Path(given) != default:
-        raise FileNotFoundError(f"--manual_dir {given} does not exist or is empty; see the instructions:\n"
+        raise FileNotFoundError(f"--manual_dir {given} does not exist or is empty; pass the folder holding the "
+                                "Med-GRIT files, see the instructions:\n"
                                 f"{_INSTRUCTIONS}") from None
       return None
 
@@ -178,7 +179,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       try:
         records = rec_lib.read_records(path)
       except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read records ({e}); fix or remove the file") from e
+        raise rec_lib.UnreadableFile(f"{path}: cannot read records ({e}); fix or remove the file") from e
       for i, raw in enumerate(records):
         total += 1
         try:

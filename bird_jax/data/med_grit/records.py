@@ -35,6 +35,11 @@ class BadRecord(ValueError):
     self.kind = kind
 
 
+class UnreadableFile(ValueError):
+  """A records file that cannot be read at all (not UTF-8, not JSON, not a list); the message is one line naming
+  the file, where it breaks and the fix."""
+
+
 def modality_from_id(image_id: str) -> str:
   """Med-GRIT rule (BiRD's eval): text before the first "_" (`x_ray--...` -> x, `ct_00--...` -> ct)."""
   return image_id.split("_", 1)[0]

@@ -1,13 +1,20 @@
-"""BiRD stage-2 fine-tuning of Qwen-VL-Chat (9.6B) on Med-GRIT, TPU v4 (v4-16 or larger: 8+ chips).
+"""BiRD stage-2 fine-tuning of Qwen-VL-Chat (9.6B) on Med-GRIT, TPU v4-16 (8 chips, 32 GB HBM each).
 
+  python -m bird_jax.compile --config=tpu_v4            # proves it fits v4-16 (libtpu: pip install -e ".[tpu]")
   python -m bird_jax.train --config=tpu_v4 \\
       --config.init_from=/ckpt/Qwen-VL-Chat --config.data.tokenizer=/ckpt/Qwen-VL-Chat \\
       --config.data.raw_dir=/data/med_grit --config.workdir=gs://bucket/runs/bird_v4
 
-The BiRD recipe (bird_paper.md §2): AdamW lr 2e-5 cosine, warmup 1 %, weight decay 0.1, β2 0.95, global
-batch 32 × n_gpus packed 2048-token rows, 2 epochs, ViT frozen, resampler + LLM trained, bf16 compute with
-fp32 master weights. Full fp32 Adam state of 9.6B does not fit a v4-8 (see jax_style_and_perf.md §3.4):
-FSDP over every chip of a v4-16+ slice.
+The BiRD recipe (bird_paper.md §2): AdamW lr 2e-5 cosine, warmup 1 %, weight decay 0.1, β2 0.95, global batch
+256 packed 2048-token rows (32 per GPU × 8 in the paper) as 32 micro-batches of one row per chip, ViT frozen
+(forward only), resampler + LLM trained, bf16 compute with fp32 master weights and fp32 Adam moments.
+
+Measured ahead of time (`python -m bird_jax.compile --config=tpu_v4`, libtpu 0.0.42.1, 2026-12-05), per chip
+of `v4:2x2x2` megacore: parameters 4.50 GiB, Adam state 7.27 GiB, batch 0.25 GiB, temporaries 11.80 GiB:
+23.91 GiB of 30.75 GiB, headroom 22.2 %. Analytic model FLOPs 3.89e15 per chip per step (about 28 s per step at
+50 % MFU). remat "full": "minimal" keeps every projection's output (38.4 GiB per chip before the later memory
+work; see docs/scale.md). A v4-8 (4 chips) cannot hold the fp32 weights + Adam state + gradients of 9.6B with
+room for activations: use v4-16 or larger.
 """
 
 from __future__ import annotations

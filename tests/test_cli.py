@@ -155,6 +155,11 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   assert 0.0 <= metrics["VG"]["mean_official"]["recall@0.5"] <= 1.0
   losses = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in losses] == [1, 2, 3] and [m["data"] for m in losses] == ["first", "first", "main"]
+  # every log line carries step time, tokens/s per device and achieved TFLOP/s; MFU needs a known peak (not CPU)
+  for m in losses:
+    assert m["step_time_s"] > 0 and m["tokens_per_s_per_device"] > 0 and m["tflops_per_device"] > 0
+    assert "mfu" not in m
+  assert "MFU n/a" in r.stdout + r.stderr
 
   # Same command with more steps resumes from step 3 instead of starting over; with eval.every it scores
   # held-out questions during training (step 4 only: the last step is the final evaluation's, off here).

@@ -111,7 +111,11 @@ class VisionTower(nn.Module):
       name="resblocks",
       layer_axis="vit_layers",
     )
-    self.attn_pool = Resampler(cfg)
+    # The resampler trains while everything after it (the whole decoder) runs: with remat on, its attention
+    # probabilities (n_images x heads x queries x patches, float32) are recomputed in backward instead of
+    # being held through the decoder's forward and backward; only the trunk's output is kept.
+    remat = (cfg.vision_remat_policy or cfg.remat_policy) != "none"
+    self.attn_pool = (nn.remat(Resampler) if remat else Resampler)(cfg)
     self.ln_post = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype)
     self.proj = self.param(
       "proj",

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -68,6 +67,3 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -138,8 +138,7 @@ def compile_step(config, sl: Slice, name: str = "") -> dict[str, Any]:
     warnings.append(f"micro-batches of {tc.batch_size // tc.grad_accum} rows (batch_size / grad_accum) do not "
                     f"divide over the {batch_shards} batch shards: some devices idle or pad")
   parts = build_train_step(config, model_cfg, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), parts.abstract_state,
-                       parts.state_shardings)
+  state = shd.abstract_with_shardings(parts.abstract_state, parts.state_shardings)
   batch = abstract_batch(config, model_cfg, mesh)
   with jax.set_mesh(mesh):
     lowered = parts.step.lower(state, batch)

@@ -186,7 +186,6 @@ def load_checkpoint(config, checkpoint: str | Path):
   """(model, params, tokenizer, prepared data, mesh, meta) from a training checkpoint: a run's `checkpoints/`
   folder (→ newest step) or one step folder inside it. The run's data/tokenizer are found (or rebuilt) from
   config.workdir exactly as training did."""
-  import jax
 
   from bird_jax import sharding as shd
   from bird_jax.checkpoint import Checkpointer
@@ -207,7 +206,7 @@ def load_checkpoint(config, checkpoint: str | Path):
   _, _, abstract_state, shardings = create_state_shardings(
     model_cfg, lambda p: build_optimizer(config.train, p, config.train.steps), mesh,
     shd.rules_from_config(config.mesh.rules), config.seed)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+  target = shd.abstract_with_shardings(abstract_state, shardings)
   ckpt = Checkpointer(path)
   state, _, meta = ckpt.restore(target, step)
   ckpt.close()

@@ -118,8 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   data_state = None
   with jax.set_mesh(mesh):
     if ckpt.latest_step() is not None:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_state, state_shardings)
+      target = shd.abstract_with_shardings(abstract_state, state_shardings)
       state, data_state, _ = ckpt.restore(target, expect_meta={k: meta[k] for k in ("scan_layers",)})
       log.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     else:

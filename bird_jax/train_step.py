@@ -271,9 +271,11 @@ def create_state_shardings(model_cfg, tx_builder, mesh, rules, seed: int):
 def images_per_row(config: ml_collections.ConfigDict, n_queries: int, seq_len: int | None = None) -> int:
   """Image slots per training row: data.images_per_row, or as many one-image records as fit a packed row
   (the data pipeline's rule; `seq_len` defaults to data.seq_len)."""
+  from bird_jax.data.pipeline import default_max_images
+
   if not config.data.packing:
     return 1
-  return config.data.get("images_per_row", 0) or max(1, (seq_len or config.data.seq_len) // (n_queries + 2))
+  return config.data.get("images_per_row", 0) or default_max_images(n_queries, seq_len or config.data.seq_len)
 
 
 def pixel_dtype(model_cfg) -> np.dtype:

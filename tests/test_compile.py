@@ -93,8 +93,7 @@ def test_analytic_flops_match_xla_on_an_unrolled_step(train_vit):
   cfg = QwenVLConfig(**c.model.to_dict())
   mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
   parts = build_train_step(c, cfg, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), parts.abstract_state,
-                       parts.state_shardings)
+  state = shd.abstract_with_shardings(parts.abstract_state, parts.state_shardings)
   with jax.set_mesh(mesh):
     xla = parts.step.lower(state, abstract_batch(c, cfg, mesh)).compile().cost_analysis()["flops"]
   analytic = train_step_flops(cfg, batch=8, seq_len=256, images_per_row=1, train_vit=train_vit, causal_half=False)

@@ -206,7 +206,7 @@ def test_orbax_save_restore_continue_gives_identical_losses(tmp_path):
   _, expected = run_steps(mesh, state, step, batches[2], 1)
   # A fresh process would rebuild the abstract state and restore straight into the shardings.
   mesh2, fresh, step2, shardings2 = setup((1, -1, 1), jax.devices()[:4], tc)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), fresh, shardings2)
+  target = shd.abstract_with_shardings(fresh, shardings2)
   restored, data_state, meta = Checkpointer(tmp_path / "ckpt").restore(target, expect_meta={"scan_layers": False})
   assert data_state == {"position": 2} and meta["step"] == 2 and int(restored["step"]) == 2
   _, got = run_steps(mesh2, restored, step2, batches[2], 1)

@@ -51,7 +51,7 @@ def synthetic_batch(config, model_cfg, seed: int = 0) -> dict[str, np.ndarray]:
 def measure(config, steps: int, warmup: int) -> dict:
   from bird_jax import sharding as shd
   from bird_jax.flops import peak_flops, train_step_flops
-  from bird_jax.model import QwenVLConfig
+  from bird_jax.model import QwenVLConfig, param_count
   from bird_jax.train_step import build_train_step, images_per_row, to_global
 
   model_cfg = QwenVLConfig(**config.model.to_dict())
@@ -79,8 +79,6 @@ def measure(config, steps: int, warmup: int) -> dict:
   step_s = statistics.median(times)
   peak = peak_flops(kind)
   stats = jax.devices()[0].memory_stats() or {}
-  from bird_jax.model import param_count
-
   return {
     "device_kind": kind, "devices": n_dev, "params": param_count(parts.abstract_state["params"]),
     "batch": tc.batch_size, "seq_len": config.data.seq_len, "grad_accum": tc.grad_accum,

@@ -248,9 +248,10 @@ class PackIterDataset(grain.IterDataset):
     return f"PackIterDataset(seq_len={self._seq_len}, max_images={self._max_images})"
 
 
-def default_max_images(tokenizer: Tokenizer, seq_len: int) -> int:
-  """Image slots per packed row: as many records as could fit if each were only its image span."""
-  return max(1, seq_len // (tokenizer.image_tokens + 2))
+def default_max_images(image_tokens: int, seq_len: int) -> int:
+  """Image slots per packed row: as many records as could fit if each were only its image span
+  (`image_tokens` placeholders between `<img>` and `</img>`)."""
+  return max(1, seq_len // (image_tokens + 2))
 
 
 def make_train_dataset(data_source: Any, tokenizer: Tokenizer, *, seq_len: int, image_size: int,
@@ -279,7 +280,7 @@ def make_train_dataset(data_source: Any, tokenizer: Tokenizer, *, seq_len: int, 
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=max(2 * batch_size, 8)))
   if packing:
-    k = max_images_per_row or default_max_images(tokenizer, seq_len)
+    k = max_images_per_row or default_max_images(tokenizer.image_tokens, seq_len)
     it = PackIterDataset(it, seq_len=seq_len, max_images=k, pad_id=tokenizer.pad_id, image_size=image_size)
   it = it.batch(batch_size, drop_remainder=drop_remainder)
   if worker_count > 0:

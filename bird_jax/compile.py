@@ -206,17 +206,21 @@ def main(argv: list[str] | None = None) -> None:
   from bird_jax.config_util import ConfigError, parse_config_flags
 
   argv = sys.argv[1:] if argv is None else argv
-  topology, out_json, min_headroom, rest = "", "", 0.0, []
+  topology, out_json, min_headroom, rest = "", "", "0", []
   for a in argv:
     if a.startswith("--topology="):
       topology = a.split("=", 1)[1]
     elif a.startswith("--json="):
       out_json = a.split("=", 1)[1]
     elif a.startswith("--min_headroom="):
-      min_headroom = float(a.split("=", 1)[1])
+      min_headroom = a.split("=", 1)[1]
     else:
       rest.append(a)
   try:
+    try:
+      min_headroom = float(min_headroom)
+    except ValueError:
+      raise ConfigError(f"--min_headroom={min_headroom}: use a fraction, e.g. 0.1 for 10 %") from None
     config, name, unknown = parse_config_flags(rest)
     if unknown:
       raise ConfigError(f"unknown arguments {unknown}; use --config=NAME, --topology=SLICE and --config.FIELD=VALUE")

@@ -139,9 +139,16 @@ def test_cli_reports_and_writes_json(tmp_path):
   assert report["devices"] == 8 and report["slice"] == "v5e-8" and 0 < report["headroom"] < 1
 
 
-def test_cli_bad_topology_is_one_line():
+def test_cli_bad_input_is_one_line():
   r = run_cli("--config=cpu_demo", "--topology=v4-12")
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --topology=v4-12")
+  r = run_cli("--config=cpu_demo")  # cpu_demo names no slice
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+    "error: config cpu_demo names no slice; pass --topology=v4-16 (or v5e-16, v5p-8, ...)")
+  r = run_cli("--config=tpu_v4", "--min_headroom=ten")
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+    "error: --min_headroom=ten: use a fraction, e.g. 0.1 for 10 %")
+  assert "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

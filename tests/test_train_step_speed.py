@@ -24,3 +24,11 @@ def test_train_step_speed_runs_the_real_step_and_reports(tmp_path):
   assert report["step_s"] > 0 and report["tokens_per_s_per_device"] > 0 and report["mfu"] is None
   assert report["last_loss"] < report["first_loss"]
   assert "MFU n/a" in r.stdout
+
+
+def test_train_step_speed_bad_counts_are_one_line():
+  r = subprocess.run([sys.executable, "-m", "bird_jax.benchmarks.train_step_speed", "--config=cpu_demo", "--steps=0",
+                      "--warmup=x"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+    "error: --steps=0 --warmup=x: --steps takes a positive integer, --warmup a non-negative one")

@@ -95,16 +95,21 @@ def main(argv: list[str] | None = None) -> None:
   from bird_jax.config_util import exit_on_config_error, parse_config_flags
 
   argv = sys.argv[1:] if argv is None else argv
-  steps, warmup, out, rest = 20, 2, "", []
+  counts, out, rest = {"steps": "20", "warmup": "2"}, "", []
   for a in argv:
-    if a.startswith("--steps="):
-      steps = int(a.split("=", 1)[1])
-    elif a.startswith("--warmup="):
-      warmup = int(a.split("=", 1)[1])
+    if a.startswith(("--steps=", "--warmup=")):
+      key, value = a[2:].split("=", 1)
+      counts[key] = value
     elif a.startswith("--json="):
       out = a.split("=", 1)[1]
     else:
       rest.append(a)
+
+  bad = [f"--{k}={v}" for k, v in counts.items() if not (v.isdigit() and (k == "warmup" or int(v) > 0))]
+  if bad:
+    print(f"error: {' '.join(bad)}: --steps takes a positive integer, --warmup a non-negative one", file=sys.stderr)
+    raise SystemExit(2)
+  steps, warmup = int(counts["steps"]), int(counts["warmup"])
 
   @exit_on_config_error
   def run():
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     r = measure(config, steps, warmup)
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (no peak for this device)"
     mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] else "n/a"
-    print(f"{name}: {r['params'] / 1e9:.2f}B params on {r['devices']} x {r['device_kind']}, batch {r['batch']} x "
+    print(f"{name}: {r['params']:,} params on {r['devices']} x {r['device_kind']}, batch {r['batch']} x "
           f"{r['seq_len']} ({r['dtype']}, attention {r['attention_impl']}, remat {r['remat_policy']})\n"
           f"  compile {r['compile_s']:.1f} s; step {r['step_s'] * 1000:.0f} ms (median of {steps}; "
           f"{r['step_s_min'] * 1000:.0f}-{r['step_s_max'] * 1000:.0f})\n"

@@ -461,10 +461,14 @@ def class_prior(labelled_boxes: Iterable[tuple[str, str, Box]]) -> ClassPrior:
   return ClassPrior({name: mean_box(boxes) for name, boxes in by_class.items()}, by_modality)
 
 
+_IMAGE_SPAN = re.compile(r"<img>.*?</img>", re.DOTALL)
+
+
 def class_prior_vg_answer(question: str, prior: ClassPrior) -> str:
-  """The mean training box of the class the question names (the longest class name in it), as a VG answer;
+  """The mean training box of the class the question names (the longest class name in its words, not in its
+  `<img>` path: SA-Med2D names such as `ct_00--MSD_Pancreas--pancreas_001` hold class names), as a VG answer;
   "" if it names none."""
-  text = question.lower()
+  text = _IMAGE_SPAN.sub(" ", question).lower()
   named = [n for n in prior.by_class if re.search(rf"(?<![a-z]){re.escape(n)}(?![a-z])", text)]
   if not named:
     return ""

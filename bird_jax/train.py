@@ -158,7 +158,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   # The first-stage stream the main stage keeps reading from (data.curriculum.keep), with its own position.
   kept = None
   if keep and stage == "main":
-    kept = open_stream("curriculum", (data_state or {}).get("kept_iterator"))
+    # A checkpoint of the main stage holds the kept stream's position; one saved at the last first-stage step
+    # holds it as its own iterator: either way the first-stage stream goes on from there, as in an unbroken run.
+    kept_position = (data_state or {}).get("kept_iterator")
+    if kept_position is None and data_state and data_state["stage"] == "curriculum":
+      kept_position = data_state["iterator"]
+    kept = open_stream("curriculum", kept_position)
   if curriculum_steps:
     log.info("data stages: steps [0, %d) on %s, then %s", curriculum_steps, data.curriculum_tfds_dir, data.tfds_dir)
     if curriculum_steps >= tc.steps:

@@ -11,6 +11,12 @@ Measures, on this machine:
      that the phantom run actually produced (train: 1..max_turns turns per conversation, test: one record per
      task), printed with the numbers.
 Stats plots (written once per dataset, not per image) are left out of the timings.
+
+`run(toy=False) -> BenchResult` (bird_jax.benchmarks.common; `python -m data_gen.benchmark --scaling [--quick]`)
+is the 1-vs-2-worker figure: masks/s/core with and without connected components, and the pipeline's images/s
+with workers=1 and workers=2 timed alternately (1, 2, 1, 2, ...; medians), their ratio per source, the CPU
+share each run got (cpu_busy: process + workers CPU time / wall time; below the worker count the machine was
+shared) and the projection of a 270k-QA build at both rates.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -27,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from bird_jax.benchmarks.common import BenchResult, median, report, versions
 from data_gen.boxes import mask_to_boxes
 from data_gen.pipeline import generate_dataset
 
@@ -131,6 +139,114 @@ def _msd_fixture(root: Path, cases: int, shape: tuple[int, int, int]) -> Path:
   return root
 
 
+def _cpu_seconds() -> float:
+  """CPU time of this process and its reaped children (the pool's workers, joined when the pool closes)."""
+  me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _timed_run(make_source: Callable[[], Any], workers: int) -> tuple[float, float, dict]:
+  """One generate_dataset into a temp folder -> (wall s, CPU s incl. workers, manifest)."""
+  tmp = Path(tempfile.mkdtemp(prefix="dg_bench_"))
+  try:
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    m = generate_dataset(make_source(), tmp / "ds", workers=workers, write_stats=False)
+    return time.perf_counter() - t0, _cpu_seconds() - c0, m
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _qa_per_image(m: dict) -> tuple[int, float]:
+  c = m["counts"]
+  images = sum(sum(v.values()) for v in c["images"].values())
+  qa = sum(n for split in c["qa"].values() for task in split.values() for n in task.values())
+  return images, qa / images
+
+
+def bench_workers(make_source: Callable[[], Any], rounds: int, worker_counts: tuple[int, ...] = (1, 2),
+                  warmup: int = 1) -> tuple[dict[int, dict[str, float]], float]:
+  """The whole pipeline timed with each worker count in turn (1, 2, 1, 2, ... after `warmup` untimed runs each):
+  {workers: images, median s, images/s, cpu_busy}, and the QA pairs per image of the folder made."""
+  for _ in range(warmup):
+    for w in worker_counts:
+      _timed_run(make_source, w)
+  walls: dict[int, list[float]] = {w: [] for w in worker_counts}
+  cpus: dict[int, list[float]] = {w: [] for w in worker_counts}
+  images, qa = 0, 0.0
+  for _ in range(rounds):
+    for w in worker_counts:
+      wall, cpu, m = _timed_run(make_source, w)
+      walls[w].append(wall)
+      cpus[w].append(cpu)
+      images, qa = _qa_per_image(m)
+  out = {w: {"images": images, "seconds": median(walls[w]), "images_per_s": images / median(walls[w]),
+             "cpu_busy": median([c / t for c, t in zip(cpus[w], walls[w], strict=True)]),
+             "images_per_cpu_s": images / median(cpus[w]), "runs_s": [round(x, 3) for x in walls[w]]}
+         for w in worker_counts}
+  return out, qa
+
+
+def run(toy: bool = False) -> BenchResult:
+  """masks/s/core (with/without connected components), pipeline images/s at workers 1 and 2 and their ratio,
+  and the 270k-QA projection. toy=True: tiny sizes, a few seconds."""
+  from data_gen.sources.nifti import MsdSource
+  from data_gen.sources.phantom import PhantomSource
+
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  n_masks, rounds = (50, 2) if toy else (1000, 3)
+  b = bench_boxes(n_masks, repeats=rounds)
+  rows: list[dict[str, Any]] = [
+    {"what": "mask->boxes 256x256, connected components", "workers": 1, "images": None, "rate": b["with_cc"],
+     "unit": "masks/s/core", "cpu_busy": None, "images_per_cpu_s": None, "ratio_vs_1": None},
+    {"what": "mask->boxes 256x256, whole-mask extents", "workers": 1, "images": None, "rate": b["without_cc"],
+     "unit": "masks/s/core", "cpu_busy": None, "images_per_cpu_s": None, "ratio_vs_1": None},
+  ]
+  summary: dict[str, Any] = {"masks_per_s_per_core_cc": b["with_cc"], "masks_per_s_per_core_no_cc": b["without_cc"]}
+  tmp_msd = Path(tempfile.mkdtemp(prefix="dg_bench_msd_"))
+  try:
+    msd_root = _msd_fixture(tmp_msd / "Task03_Bench", 2 if toy else 4, (64, 64, 8) if toy else (256, 256, 48))
+    sources: dict[str, Callable[[], Any]] = {
+      "phantom_128": lambda: PhantomSource(num_cases=4 if toy else 100, image_size=128),
+      "phantom_512": lambda: PhantomSource(num_cases=1 if toy else 10, image_size=512),
+      "msd_ct": lambda: MsdSource(msd_root, max_slices_per_case=None),
+    }
+    qa_per_image = 0.0
+    for name, make in sources.items():
+      res, qa = bench_workers(make, rounds, warmup=0 if toy else 1)
+      if name == "phantom_128":
+        qa_per_image = qa
+      for w, r in res.items():
+        rows.append({"what": f"pipeline {name}", "workers": w, "images": r["images"], "rate": r["images_per_s"],
+                     "unit": "images/s", "cpu_busy": r["cpu_busy"], "images_per_cpu_s": r["images_per_cpu_s"],
+                     "ratio_vs_1": r["images_per_s"] / res[1]["images_per_s"]})
+      summary[f"{name}_images_per_s_w1"] = res[1]["images_per_s"]
+      summary[f"{name}_images_per_s_w2"] = res[2]["images_per_s"]
+      summary[f"{name}_speedup_2v1"] = res[2]["images_per_s"] / res[1]["images_per_s"]
+  finally:
+    shutil.rmtree(tmp_msd, ignore_errors=True)
+  n_images = TARGET_QA / qa_per_image
+  summary["qa_per_image"] = qa_per_image
+  summary["images_for_270k_qa"] = n_images
+  for w in (1, 2):
+    summary[f"hours_270k_phantom_512_w{w}"] = n_images / summary[f"phantom_512_images_per_s_w{w}"] / 3600
+  notes = [
+    "ratio_vs_1 = images/s with that many workers / images/s with 1 (medians of runs alternating 1, 2, 1, 2); "
+    "cpu_busy = CPU time of the process and its workers / wall time: below the worker count, the run did not "
+    "get that many cores (a shared machine), and its ratio undercounts; images_per_cpu_s (CPU time of all "
+    "processes) shows what the workers cost in total, whatever the machine's load",
+    f"projection: {TARGET_QA:,} QA pairs at {qa_per_image:.2f} QA pairs/image (phantom_128 folder: test_fraction "
+    f"0.2, train 1..3 turns, 4 one-turn test records) = {n_images:,.0f} images; hours at the phantom_512 rate "
+    "(512^2 slices: render + boxes + PNG encode, closest to real SA-Med2D/MSD slices)",
+    f"cores here {os.cpu_count()}, load average before timing {load:.2f}",
+    f"versions: {json.dumps(versions())}",
+  ]
+  if toy:
+    notes.append("toy size: figures say nothing about the real pipeline")
+  shapes = {"masks": n_masks, "rounds": rounds, "phantom_128_cases": 4 if toy else 100,
+            "phantom_512_cases": 1 if toy else 10, "msd_volumes": "2x64x64x8" if toy else "4x256x256x48"}
+  return BenchResult(name="data_gen", shapes=shapes, rows=rows, summary=summary, notes=notes)
+
+
 def _fmt_time(seconds: float) -> str:
   h, rem = divmod(int(round(seconds)), 3600)
   return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
@@ -141,7 +257,16 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--quick", action="store_true", help="smaller runs (~20 s) for a smoke check")
   p.add_argument("--sam-med2d-root", type=Path, default=FIXTURE)
   p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+  p.add_argument("--scaling", action="store_true",
+                 help="run(): masks/s/core and images/s with 1 vs 2 workers (alternating runs, medians), as a "
+                      "BenchResult table; with --quick the toy size")
   a = p.parse_args(argv)
+  if a.scaling:
+    result = run(toy=a.quick)
+    print(report(result))
+    if a.json:
+      a.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
   q = a.quick
   results: dict[str, Any] = {"cores": cores}

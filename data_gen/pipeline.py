@@ -3,6 +3,8 @@
 Pass 1 streams the source once: each sample is validated, its PNG written and its per-object facts kept
 (a few hundred bytes per image; masks are dropped). Pass 2 splits by case and builds the records. Bad
 samples and instances are skipped with counted reasons (manifest["skipped"]); they never stop the run.
+With workers > 1 the per-image part of pass 1 (reading/rendering, boxes, PNG) runs in worker processes and the
+folder written is byte for byte the one workers=1 writes (`_pass1_parallel`).
 
 Determinism: records for an image come from an RNG seeded by (seed, image id), so they do not depend on
 worker count, source order or `limit`; the split depends only on the set of cases and the seed.
@@ -10,14 +12,19 @@ worker count, source order or `limit`; the split depends only on the set of case
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import hashlib
 import itertools
 import multiprocessing
+import os
+import pickle
 import shutil
 import sys
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,9 +76,10 @@ def _as_image(image: Any) -> tuple[np.ndarray | None, str]:
   return arr, ""
 
 
-def process_sample(sample: Sample, images_dir: str, min_area: int | None, connected_components: bool
-                   ) -> tuple[dict[str, Any] | None, list[tuple[str, str, str]]]:
-  """Validates one sample, writes its PNG; returns (ImageFacts dict or None, [(where, reason, detail)])."""
+def process_sample(sample: Sample, images_dir: str, min_area: int | None, connected_components: bool,
+                   png_name: str | None = None) -> tuple[dict[str, Any] | None, list[tuple[str, str, str]]]:
+  """Validates one sample, writes its PNG (as `png_name` in images_dir, default `<image id>.png`); returns
+  (ImageFacts dict or None, [(where, reason, detail)])."""
   sid = getattr(sample, "image_id", "?")
   skips: list[tuple[str, str, str]] = []
   try:
@@ -111,7 +119,7 @@ def process_sample(sample: Sample, images_dir: str, min_area: int | None, connec
     if not objects:
       skips.append((sid, "no usable instances", f"{len(sample.instances)} given"))
       return None, skips
-    write_png(Path(images_dir) / f"{sid}.png", image)
+    write_png(Path(images_dir) / (png_name or f"{sid}.png"), image)
     facts = T.ImageFacts(image_id=sid, case_id=str(sample.case_id), modality=sample.modality, width=w,
                          height=h, plane=sample.meta.get("plane") if isinstance(sample.meta, dict) else None,
                          objects=objects)
@@ -124,32 +132,275 @@ def _process_star(args: tuple) -> tuple[dict[str, Any] | None, list[tuple[str, s
   return process_sample(*args)
 
 
+def _check_sample(s: Any) -> tuple[str, str, str] | None:
+  """The id-level checks of one sample (all but duplicates): None, or the (where, reason, detail) skip."""
+  sid = getattr(s, "image_id", None)
+  if not isinstance(s, Sample) or not isinstance(sid, str):
+    return repr(sid), "not a Sample", type(s).__name__
+  if not is_safe_id(sid):
+    return sid, "unsafe image id", "ids become file names: use [A-Za-z0-9._+-], no '..' or '/'"
+  if s.modality not in MODALITIES:
+    return sid, "unknown modality", f"{s.modality!r} not in {MODALITIES}"
+  if modality_from_id(sid) != s.modality:
+    return sid, "id prefix does not give the modality", f"prefix {modality_from_id(sid)!r} vs modality {s.modality!r}"
+  if not s.case_id:
+    return sid, "missing case id", ""
+  return None
+
+
 def _checked(samples: Iterable[Sample], skips: SkipReport) -> Iterator[Sample]:
   """Id-level checks that must happen in one place (duplicates) before a worker writes a PNG."""
   seen: set[str] = set()
   for s in samples:
-    sid = getattr(s, "image_id", None)
-    if not isinstance(s, Sample) or not isinstance(sid, str):
-      skips.add(repr(sid), "not a Sample", type(s).__name__)
+    bad = _check_sample(s)
+    if bad is not None:
+      skips.add(*bad)
       continue
-    if not is_safe_id(sid):
-      skips.add(sid, "unsafe image id", "ids become file names: use [A-Za-z0-9._+-], no '..' or '/'")
+    if s.image_id in seen:
+      skips.add(s.image_id, "duplicate image id", "")
       continue
-    if s.modality not in MODALITIES:
-      skips.add(sid, "unknown modality", f"{s.modality!r} not in {MODALITIES}")
-      continue
-    if modality_from_id(sid) != s.modality:
-      skips.add(sid, "id prefix does not give the modality",
-                f"prefix {modality_from_id(sid)!r} vs modality {s.modality!r}")
-      continue
-    if not s.case_id:
-      skips.add(sid, "missing case id", "")
-      continue
-    if sid in seen:
-      skips.add(sid, "duplicate image id", "")
-      continue
-    seen.add(sid)
+    seen.add(s.image_id)
     yield s
+
+
+# ---- pass 1 in worker processes (workers > 1) ---------------------------------------------------------
+# Reading, decoding or rendering a sample is most of its cost (and a Sample carries its image and one full-size
+# mask per instance), so it must not happen in the parent. The parent walks the source's own __iter__ on a copy
+# whose per-item loader (`_Loader.method`: the call that reads, decodes or renders) is swapped for a recorder:
+# each call becomes a `_Unit` holding only the call's arguments (a case number, file paths). Workers replay the
+# call on their own copy of the source, check and process the samples, and write each PNG under a temporary
+# name; only facts dicts (a few hundred bytes an image) and skip lines come back. The parent takes results in
+# source order: it alone rejects duplicate ids (in order, first wins), renames accepted PNGs into place and
+# applies `limit`, so the records, files, skips and counts are those of workers=1.
+@dataclasses.dataclass
+class _Unit:
+  """A recorded call of the source's loader, or (ready=True) an item the source yielded itself."""
+
+  args: tuple = ()
+  kwargs: dict = dataclasses.field(default_factory=dict)
+  ready: bool = False
+  item: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loader:
+  method: str  # the source method whose calls become units
+  many: bool  # it returns a list of samples (else one sample or None)
+  run: Callable[[Any, _Unit], list] | None = None  # how a worker replays a unit (default: call `method`)
+
+
+def _run_nifti_case(src: Any, unit: _Unit) -> list:
+  # The source's own __iter__ over this one case, so its SkipError handling and stats apply as in a serial run.
+  src._cases = lambda: iter(unit.args[:1])
+  return list(src)
+
+
+def _loader_for(source: Any) -> _Loader | None:
+  """How to split the built-in sources into units; None: the parent iterates the source (other sources)."""
+  from data_gen.sources.nifti import _NiftiSource
+  from data_gen.sources.phantom import PhantomSource
+  from data_gen.sources.sam_med2d import SamMed2DSource
+
+  if isinstance(source, PhantomSource):
+    return _Loader("case", many=True)
+  if isinstance(source, SamMed2DSource):
+    return _Loader("_load_sample", many=False)
+  if isinstance(source, _NiftiSource):
+    return _Loader("_case_samples", many=True, run=_run_nifti_case)
+  return None
+
+
+def _skips_delta(report: SkipReport, counts: Counter, lengths: dict[str, int]) -> SkipReport | None:
+  """What `report` gained since (counts, lengths) were taken, as a report merge() can replay in order."""
+  if report.total == sum(counts.values()):
+    return None
+  out = SkipReport()
+  for reason, n in report.counts.items():
+    if n > counts.get(reason, 0):
+      out.counts[reason] = n - counts.get(reason, 0)
+      out.examples[reason] = list(report.examples.get(reason, [])[lengths.get(reason, 0):])
+  return out
+
+
+def _plan(source: Any, loader: _Loader | None) -> Iterator[tuple[_Unit | None, SkipReport | None]]:
+  """(unit, the source's skips recorded just before it) in source order; last (None, skips recorded after the
+  last unit). Without a loader the source's items themselves become ready units."""
+  walker = source
+  if loader is not None:
+    walker = copy.copy(source)
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+      u = _Unit(args, kwargs)
+      return [u] if loader.many else u
+
+    setattr(walker, loader.method, record)
+  report = getattr(walker, "skips", None)
+  counts: Counter = Counter(report.counts) if isinstance(report, SkipReport) else Counter()
+  lengths = {k: len(v) for k, v in report.examples.items()} if isinstance(report, SkipReport) else {}
+  it = iter(walker)
+  while True:
+    item = next(it, _END)
+    cur = getattr(walker, "skips", None)
+    delta = None
+    if isinstance(cur, SkipReport):
+      if cur is not report:  # the source's __iter__ started a fresh report
+        report, counts, lengths = cur, Counter(), {}
+      delta = _skips_delta(cur, counts, lengths)
+      if delta is not None:
+        counts, lengths = Counter(cur.counts), {k: len(v) for k, v in cur.examples.items()}
+    if item is _END:
+      yield None, delta
+      return
+    yield (item if isinstance(item, _Unit) else _Unit(ready=True, item=item)), delta
+
+
+_END = object()
+_W: dict[str, Any] = {}  # a worker's source copy and settings (set by _worker_init)
+
+
+def _worker_init(blob: bytes | None, loader: _Loader | None, images_dir: str, min_area: int | None,
+                 connected_components: bool) -> None:
+  try:
+    _W.update(source=pickle.loads(blob) if blob is not None else None, loader=loader, images_dir=images_dir,
+              min_area=min_area, cc=connected_components, error=None)
+  except Exception as e:  # raising here would make the pool restart the worker forever; report it per task
+    _W["error"] = f"{type(e).__name__}: {e}"
+
+
+def _run_unit(n: int, unit: _Unit) -> tuple[list[tuple], SkipReport | None, Counter | None]:
+  """One unit in a worker -> ([(id, check skip, facts dict, skips, temp PNG name)] per item, source skips,
+  source stats)."""
+  src_skips = src_stats = None
+  if unit.ready:
+    items = [unit.item]
+  else:
+    loader: _Loader = _W["loader"]
+    src = copy.copy(_W["source"])
+    if isinstance(getattr(src, "skips", None), SkipReport):
+      src.skips = SkipReport()
+    if isinstance(getattr(src, "stats", None), Counter):
+      src.stats = Counter()
+    if loader.run is not None:
+      items = loader.run(src, unit)
+    else:
+      got = getattr(src, loader.method)(*unit.args, **unit.kwargs)
+      items = list(got) if loader.many else ([] if got is None else [got])
+    sk, st = getattr(src, "skips", None), getattr(src, "stats", None)
+    src_skips = sk if isinstance(sk, SkipReport) and sk.total else None
+    src_stats = st if isinstance(st, Counter) and st else None
+  images_dir = _W["images_dir"]
+  out = []
+  for j, s in enumerate(items):
+    bad = _check_sample(s)
+    if bad is not None:
+      out.append((None, bad, None, [], None))
+      continue
+    name = f".part-{n}-{j}.png"  # hidden from *.png globs; renamed or removed by the parent
+    fd, sk = process_sample(s, images_dir, _W["min_area"], _W["cc"], png_name=name)
+    if fd is None:
+      Path(images_dir, name).unlink(missing_ok=True)
+    out.append((s.image_id, None, fd, sk, name if fd is not None else None))
+  return out, src_skips, src_stats
+
+
+def _run_units(task: list[tuple[int, _Unit]]) -> tuple[list, float]:
+  if _W.get("error"):
+    raise RuntimeError(f"data_gen worker could not load the source: {_W['error']}")
+  t0 = time.perf_counter()
+  return [_run_unit(n, u) for n, u in task], time.perf_counter() - t0
+
+
+def _pass1_parallel(source: Any, images_dir: Path, *, workers: int, limit: int | None, min_area: int | None,
+                    connected_components: bool, skips: SkipReport, on_facts: Callable[[dict], None],
+                    bar: Any = None) -> None:
+  """Pass 1 with `workers` processes; fills `skips` and calls on_facts in source order, like the serial loop.
+  Sets source.skips (and a nifti source's stats) to what a serial run would have left there."""
+  loader = _loader_for(source)
+  blob = None
+  if loader is not None:
+    try:
+      blob = pickle.dumps(source)  # also what a spawn/forkserver worker needs
+    except Exception:
+      loader = None
+  src_report, src_stats = SkipReport(), Counter()
+  plan = _plan(source, loader)
+  trailing: SkipReport | None = None
+  state = {"chunk": 1, "units": 0, "seconds": 0.0, "n": 0, "done": False}
+  target_s = 0.03  # per task: amortises the per-task IPC, small enough to balance a few slow units
+
+  def next_task() -> list[tuple[int, _Unit, SkipReport | None]]:
+    nonlocal trailing
+    batch = []
+    while len(batch) < state["chunk"] and not state["done"]:
+      unit, pre = next(plan)
+      if unit is None:
+        trailing, state["done"] = pre, True
+        break
+      batch.append((state["n"], unit, pre))
+      state["n"] += 1
+    return batch
+
+  seen: set[str] = set()
+  taken = 0
+  full = lambda: limit is not None and taken >= limit
+
+  def drop(name: str | None) -> None:
+    if name:
+      (images_dir / name).unlink(missing_ok=True)
+
+  with multiprocessing.get_context().Pool(
+      workers, initializer=_worker_init,
+      initargs=(blob, loader, str(images_dir), min_area, connected_components)) as pool:
+    pending: deque = deque()
+    while True:
+      while not full() and not state["done"] and len(pending) < 2 * workers:
+        batch = next_task()
+        if batch:
+          pending.append(([pre for _, _, pre in batch],
+                          pool.apply_async(_run_units, ([(n, u) for n, u, _ in batch],))))
+      if not pending:
+        break
+      pres, res = pending.popleft()
+      results, seconds = res.get()
+      state["units"] += len(results)
+      state["seconds"] += seconds
+      state["chunk"] = max(1, min(32, int(target_s * state["units"] / max(state["seconds"], 1e-6))))
+      for pre, (items, unit_skips, unit_stats) in zip(pres, results, strict=True):
+        if full():  # a serial run stopped reading the source before this unit
+          for *_, name in items:
+            drop(name)
+          continue
+        for rep in (pre, unit_skips):
+          if rep is not None:
+            src_report.merge(rep)
+        if unit_stats:
+          src_stats.update(unit_stats)
+        for sid, bad, fd, sk, name in items:
+          if full():
+            drop(name)
+            continue
+          taken += 1
+          if bad is not None:
+            skips.add(*bad)
+            continue
+          if sid in seen:
+            skips.add(sid, "duplicate image id", "")
+            drop(name)
+            continue
+          seen.add(sid)
+          for where, reason, detail in sk:
+            skips.add(where, reason, detail)
+          if fd is not None:
+            os.replace(images_dir / name, images_dir / f"{sid}.png")
+          on_facts(fd)
+          if bar is not None:
+            bar.update(1)
+  if trailing is not None and not full():
+    src_report.merge(trailing)
+  if isinstance(getattr(source, "skips", None), SkipReport):
+    source.skips = src_report
+  if loader is not None and isinstance(getattr(source, "stats", None), Counter):
+    source.stats = src_stats
 
 
 def template_conversation(f: T.ImageFacts, seed: int, record: int, max_turns: int,
@@ -254,10 +505,6 @@ def _generate_into(source: Any, tmp: Path, params: dict, *, seed: int, test_frac
                    connected_components: bool, progress: bool, write_stats: bool,
                    llm: LLMConfig | None = None, task_weights: dict[str, float] | None = None) -> dict[str, Any]:
   skips = SkipReport()
-  samples: Iterable[Sample] = iter(source)
-  if limit is not None:
-    samples = itertools.islice(samples, limit)
-  jobs = ((s, str(tmp / "images"), min_area, connected_components) for s in _checked(samples, skips))
   total = None
   try:
     total = len(source) if limit is None else min(limit, len(source))
@@ -270,20 +517,24 @@ def _generate_into(source: Any, tmp: Path, params: dict, *, seed: int, test_frac
 
   facts: list[T.ImageFacts] = []
 
-  def consume(results: Iterable) -> None:
-    for fd, sk in results:
-      for where, reason, detail in sk:
-        skips.add(where, reason, detail)
-      if fd is not None:
-        facts.append(T.ImageFacts.from_dict(fd))
-      if bar is not None:
-        bar.update(1)
+  def on_facts(fd: dict[str, Any] | None) -> None:
+    if fd is not None:
+      facts.append(T.ImageFacts.from_dict(fd))
 
   if workers > 1:
-    with multiprocessing.get_context().Pool(workers) as pool:
-      consume(pool.imap(_process_star, jobs, chunksize=8))
+    _pass1_parallel(source, tmp / "images", workers=workers, limit=limit, min_area=min_area,
+                    connected_components=connected_components, skips=skips, on_facts=on_facts, bar=bar)
   else:
-    consume(map(_process_star, jobs))
+    samples: Iterable[Sample] = iter(source)
+    if limit is not None:
+      samples = itertools.islice(samples, limit)
+    jobs = ((s, str(tmp / "images"), min_area, connected_components) for s in _checked(samples, skips))
+    for fd, sk in map(_process_star, jobs):
+      for where, reason, detail in sk:
+        skips.add(where, reason, detail)
+      on_facts(fd)
+      if bar is not None:
+        bar.update(1)
   if bar is not None:
     bar.close()
   src_skips = getattr(source, "skips", None)

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from bird_jax.benchmarks.common import BenchResult, versions
+
 
 def _decoder_config(args: argparse.Namespace) -> Any:
   from bird_jax.model import QwenVLConfig
@@ -206,7 +208,7 @@ def format_table(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--batch_sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16])
   ap.add_argument("--prompt_len", type=int, default=64)
@@ -224,7 +226,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "torch's OpenMP pool degrades far more than XLA's when other processes take the cores")
   ap.add_argument("--json", default=None, help="also write the numbers (and tokens) here")
   ap.add_argument("--torch_worker", default=None, help=argparse.SUPPRESS)
-  args = ap.parse_args(argv)
+  return ap
+
+
+def bench(toy: bool = False) -> BenchResult:
+  """`python -m bird_jax.bench --only decode`: the default shapes at batch 1 and 8 (toy: a 2-layer decoder)."""
+  argv = (["--batch_sizes=1,2", "--prompt_len=8", "--new_tokens=4", "--repeats=1", "--hidden=64", "--layers=2",
+           "--heads=4", "--mlp=64", "--vocab=512"] if toy else ["--batch_sizes=1,8"])
+  result = run(_parser().parse_args(argv))
+  rows, summary = [], {}
+  for r in result["rows"]:
+    for name in ("bird_jax", "transformers"):
+      m = r[name]
+      rows.append({"batch": r["batch"], "implementation": name, "TTFT ms": m["ttft_ms"],
+                   "decode tok/s": m["decode_tok_s"], "total s": m["total_s"], "compile s": m["compile_s"],
+                   "same tokens": r["match"]})
+    summary[f"decode_speedup_b{r['batch']}"] = r["decode_speedup"]
+    summary[f"ttft_speedup_b{r['batch']}"] = r["ttft_speedup"]
+  shapes = {k: v for k, v in result["setup"].items() if k not in ("cpu", "jax", "torch", "transformers")}
+  return BenchResult(name="decode_vs_transformers", shapes={**shapes, "versions": versions()}, rows=rows,
+                     summary=summary, notes=["greedy, no stop token: both sides emit exactly new_tokens per row"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  args = _parser().parse_args(argv)
   if args.threads > 0:  # before jax / torch start their thread pools
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ["MKL_NUM_THREADS"] = str(args.threads)

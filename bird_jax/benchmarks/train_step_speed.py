@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     raise SystemExit(2)
   steps, warmup = int(counts["steps"]), int(counts["warmup"])
 
+  from bird_jax.host_memory import reuse_if_cpu
+
+  reuse_if_cpu()  # as `python -m bird_jax.train` does, before the backend starts
+
   @exit_on_config_error
   def run():
     config, name, unknown = parse_config_flags(rest)

@@ -16,7 +16,7 @@ from bird_jax.bench import record
 from bird_jax.benchmarks.common import BenchResult
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+ENV = {k: v for k, v in dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1").items() if k != "XLA_FLAGS"}
 
 
 def _run(*args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:

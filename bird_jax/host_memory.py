@@ -44,6 +44,11 @@ def keep_freed_memory() -> tuple[bool, str]:
   return _applied, "malloc: no mmap, no trim, one arena" if _applied else "mallopt refused"
 
 
+def current_setting() -> str:
+  """What the process runs with, for logs: the reuse setting once `keep_freed_memory` applied it."""
+  return "malloc: no mmap, no trim, one arena" if _applied else "stock malloc"
+
+
 def cpu_backend_expected() -> bool:
   """Whether JAX will run on the CPU, judged without starting a backend: JAX_PLATFORMS when set, else the
   absence of TPU (/dev/accel*, /dev/vfio/N), NVIDIA (/dev/nvidiaN) and ROCm (/dev/kfd) device files."""
@@ -59,3 +64,15 @@ def reuse_if_cpu() -> str:
     return "stock malloc (an accelerator is expected)"
   applied, why = keep_freed_memory()
   return why if applied else f"stock malloc ({why})"
+
+
+def proc_status_kib(field: str) -> int | None:
+  """A `/proc/self/status` figure in KiB (VmRSS, VmHWM, ...); None where there is no such file or field."""
+  try:
+    with open("/proc/self/status") as fh:
+      for line in fh:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None

@@ -31,11 +31,10 @@ import optax
 from bird_jax import sharding as shd
 from bird_jax.config_util import ConfigError, exit_on_config_error, parse_config_flags
 from bird_jax.flops import peak_flops, train_step_flops
-from bird_jax.host_memory import reuse_if_cpu
+from bird_jax.host_memory import current_setting, reuse_if_cpu
 from bird_jax.train_step import build_train_step, host_batch, images_per_row, model_config_from, to_global
 
 log = logging.getLogger("bird_jax")
-HOST_MEMORY: dict[str, str] = {}
 
 
 def init_distributed() -> None:
@@ -101,7 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ---- mesh and state ------------------------------------------------------------------------------
-  log.info("host memory: %s", HOST_MEMORY.get("setting", "stock malloc (set by main() on CPU runs)"))
+  log.info("host memory: %s", current_setting())
   mesh = shd.make_mesh(config.mesh.shape)
   tc = config.train
   if tc.batch_size % (jax.process_count() * tc.grad_accum):
@@ -352,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
   if rest:
     print(f"error: unknown arguments {rest}; use --config=NAME and --config.FIELD=VALUE", file=sys.stderr)
     raise SystemExit(2)
-  HOST_MEMORY["setting"] = reuse_if_cpu()  # before the backend starts (bird_jax/host_memory.py)
+  reuse_if_cpu()  # before the backend starts (bird_jax/host_memory.py)
   init_distributed()
   train_and_evaluate(config, name)
 

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from bird_jax.host_memory import proc_status_kib
 from bird_jax.model import QwenVLConfig, abstract_params, trainable_mask
 
 
@@ -99,19 +100,8 @@ def _random_params(cfg: QwenVLConfig, seed: int = 0) -> Any:
   )
 
 
-def _proc_status_kib(field: str) -> int | None:
-  try:
-    with open("/proc/self/status") as fh:
-      for line in fh:
-        if line.startswith(field + ":"):
-          return int(line.split()[1])
-  except OSError:
-    pass
-  return None
-
-
 def _rss_kib() -> int:
-  rss = _proc_status_kib("VmRSS")
+  rss = proc_status_kib("VmRSS")
   if rss is None:
     import psutil
 
@@ -139,7 +129,7 @@ def _import_ram_child(ckpt: str, dtype: str) -> None:
   cfg, params = load_pretrained(ckpt, dtype=dtype)
   jax.block_until_ready(params)
   secs = time.perf_counter() - t0
-  hwm = _proc_status_kib("VmHWM") if peak_src == "VmHWM" else None
+  hwm = proc_status_kib("VmHWM") if peak_src == "VmHWM" else None
   peak = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   model_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   print(json.dumps({

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from bird_jax.benchmarks.common import BenchResult, report, versions
+from bird_jax.host_memory import proc_status_kib
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,17 +89,6 @@ def plan(toy: bool, steps: int | None = None, warmup: int | None = None) -> Plan
 
 
 # ------------------------------------------------------------------------------------------------ child
-
-
-def _status_kib(field: str) -> int | None:
-  try:
-    with open("/proc/self/status") as fh:
-      for line in fh:
-        if line.startswith(field + ":"):
-          return int(line.split()[1])
-  except OSError:
-    pass
-  return None
 
 
 def _settle() -> None:
@@ -165,7 +155,7 @@ class _Probe:
     self.state_bytes = sum(x.nbytes for x in leaves)
     self.state_bytes_dev0 = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == dev0)
     _settle()
-    self.rss_state_kib = _status_kib("VmRSS")
+    self.rss_state_kib = proc_status_kib("VmRSS")
 
   def on_compiled(self, compiled) -> None:
     try:
@@ -175,7 +165,7 @@ class _Probe:
     except Exception:  # not every backend / version reports it
       self.xla = {}
     _settle()
-    self.rss_compiled_kib = _status_kib("VmRSS")
+    self.rss_compiled_kib = proc_status_kib("VmRSS")
     self.peak_reset = _reset_peak()
 
 
@@ -216,7 +206,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     r = measure(config, spec["steps"], spec["warmup"])
   finally:
     ts.build_train_step = build
-  hwm = _status_kib("VmHWM")
+  hwm = proc_status_kib("VmHWM")
   if probe.rss_state_kib is None or hwm is None:
     raise RuntimeError("no RSS figures: measure() no longer calls step.lower(state, batch).compile(), or no /proc")
   return {

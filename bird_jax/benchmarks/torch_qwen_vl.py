@@ -64,14 +64,9 @@ class TorchQwenVL(nn.Module):
     self.attn = nn.MultiheadAttention(e, c.num_resampler_heads)
     self.ln_post = nn.LayerNorm(e, eps=1e-6)
     self.proj = nn.Parameter(torch.zeros(e, e))
-    qwen2 = {k: getattr(c, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
-                                        "rms_norm_eps", "rope_base")}
-    self.decoder = Qwen2ForCausalLM(Qwen2Config(
-      vocab_size=qwen2["vocab_size"], hidden_size=e, intermediate_size=qwen2["mlp_dim"],
-      num_hidden_layers=qwen2["num_layers"], num_attention_heads=qwen2["num_heads"],
-      num_key_value_heads=qwen2["num_heads"], rms_norm_eps=qwen2["rms_norm_eps"], hidden_act="silu",
-      rope_parameters={"rope_type": "default", "rope_theta": qwen2["rope_base"]}, tie_word_embeddings=False,
-      use_sliding_window=False, attn_implementation="eager", max_position_embeddings=c.seq_length))
+    from bird_jax.model.qwen2_reference import qwen2_config_kwargs
+
+    self.decoder = Qwen2ForCausalLM(Qwen2Config(**qwen2_config_kwargs(c), max_position_embeddings=c.seq_length))
 
   def load_qwen_vl(self, sd: Mapping[str, np.ndarray]) -> None:
     """Qwen-VL checkpoint tensors (`transformer.*`, `lm_head.weight`) -> this module, strictly."""

@@ -10,8 +10,9 @@ The BiRD recipe (bird_paper.md §2): AdamW lr 2e-5 cosine, warmup 1 %, weight de
 (forward only), resampler + LLM trained, bf16 compute with fp32 master weights and fp32 Adam moments.
 
 Measured ahead of time (`python -m bird_jax.compile --config=tpu_v4`, libtpu 0.0.42.1, 2026-12-05), per chip
-of `v4:2x2x2` megacore: parameters 4.50 GiB, Adam state 7.27 GiB, batch 0.25 GiB, temporaries 11.80 GiB:
-23.91 GiB of 30.75 GiB, headroom 22.2 %. Analytic model FLOPs 3.89e15 per chip per step (about 28 s per step at
+of `v4:2x2x2` megacore: parameters 4.50 GiB, Adam state 7.27 GiB, batch 0.25 GiB, temporaries 11.45 GiB:
+23.56 GiB of 30.75 GiB, headroom 23.4 % (fused LM loss; 23.91 GiB before it).
+Analytic model FLOPs 3.89e15 per chip per step (about 28 s per step at
 50 % MFU). remat "full": "minimal" keeps every projection's output (38.4 GiB per chip before the later memory
 work; see docs/scale.md). A v4-8 (4 chips) cannot hold the fp32 weights + Adam state + gradients of 9.6B with
 room for activations: use v4-16 or larger.

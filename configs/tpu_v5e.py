@@ -6,7 +6,7 @@
 
 Same recipe as tpu_v4 (global batch 256 × 2048), as 16 micro-batches of one row per chip. Measured ahead of time
 (2026-12-05), per chip of `v5e:4x4`: parameters 2.25 GiB, Adam state 3.64 GiB, batch 0.13 GiB, temporaries
-7.54 GiB: 13.60 GiB of 15.75 GiB, headroom 13.6 %; 1.94e15 model FLOPs per chip per step. Smaller v5e slices
+7.51 GiB: 13.57 GiB of 15.75 GiB, headroom 13.8 %; 1.94e15 model FLOPs per chip per step. Smaller v5e slices
 (v5e-8) cannot hold the fp32 state of 9.6B: use v5e-16 or larger (or LoRA, once it lands).
 """
 

@@ -6,7 +6,7 @@
 
 Same recipe as tpu_v4 (global batch 256 × 2048), as 32 micro-batches of two rows per chip. Measured ahead of
 time (2026-12-05), per chip of `v5:2x2x1` megacore: parameters 9.00 GiB, Adam state 14.53 GiB, batch 0.50 GiB,
-temporaries 38.10 GiB: 62.32 GiB of 95.74 GiB, headroom 34.9 %; 7.77e15 model FLOPs per chip per step.
+temporaries 38.62 GiB: 62.84 GiB of 95.74 GiB, headroom 34.4 %; 7.77e15 model FLOPs per chip per step.
 """
 
 from __future__ import annotations

@@ -141,15 +141,18 @@ def test_cudnn_wiring_matches_xla_on_valid_rows(use_seg, causal):
 
 
 def test_resolve_impl_and_errors():
-  assert ATTENTION_IMPLS == ("auto", "xla", "splash", "cudnn")
+  assert ATTENTION_IMPLS == ("auto", "xla", "blocked", "splash", "cudnn")
   assert resolve_impl("auto") == "xla"  # CPU
   assert resolve_impl("auto", dtype=jnp.bfloat16, head_dim=128, seq_len=512) == "xla"
-  for impl in ("xla", "splash", "cudnn"):
+  # beyond one query block the CPU path is the blocked one (linear memory)
+  longer = attention_ops.BLOCKED_QUERY_BLOCK + 1
+  assert resolve_impl("auto", dtype=jnp.float32, head_dim=64, seq_len=longer) == "blocked"
+  for impl in ("xla", "blocked", "splash", "cudnn"):
     assert resolve_impl(impl) == impl
-  with pytest.raises(ValueError, match="auto.*xla.*splash.*cudnn"):
+  with pytest.raises(ValueError, match="auto.*xla.*blocked.*splash.*cudnn"):
     resolve_impl("flash")
   q, k, v = _qkv(32)
-  with pytest.raises(ValueError, match="auto.*xla.*splash.*cudnn"):
+  with pytest.raises(ValueError, match="auto.*xla.*blocked.*splash.*cudnn"):
     fused_attention(q, k, v, causal=True, impl="flash", dtype=jnp.float32)
   short = q[:, :200]
   with pytest.raises(ValueError, match="L % 128 == 0"):
@@ -179,3 +182,51 @@ def test_splash_compiles_ahead_of_time_for_tpu(monkeypatch):
     compiled = fn.lower(x, x, x, s).compile()
   # a Mosaic kernel, not the interpret-mode loop
   assert "tpu_custom_call" in compiled.as_text()
+
+
+@pytest.mark.parametrize("use_seg, causal", [(True, True), (False, True), (False, False), (True, False)])
+def test_blocked_matches_xla_forward_and_grads(monkeypatch, use_seg, causal):
+  # blocks of 64 over L = 200: four query blocks, the last one short; causal blocks see only their key prefix
+  monkeypatch.setattr(attention_ops, "BLOCKED_QUERY_BLOCK", 64)
+  length = 200
+  q, k, v = (t[:, :length] for t in _qkv(32, seed=3))
+  seg = _segments()[:, :length] if use_seg else None
+  valid = _valid(seg) if use_seg else np.ones((B, length), bool)
+  w = jax.random.normal(jax.random.key(5), q.shape, jnp.float32)
+  ref = fused_attention(q, k, v, segment_ids=seg, causal=causal, impl="xla", dtype=jnp.float32)
+  out = fused_attention(q, k, v, segment_ids=seg, causal=causal, impl="blocked", dtype=jnp.float32)
+  assert out.shape == q.shape and out.dtype == jnp.float32
+  assert np.isfinite(np.asarray(out)).all()  # padding rows too
+  _close_on(valid, out, ref, 2e-6)
+  g_ref = jax.grad(_loss("xla", seg, valid, w, causal), argnums=(0, 1, 2))(q, k, v)
+  g_blk = jax.grad(_loss("blocked", seg, valid, w, causal), argnums=(0, 1, 2))(q, k, v)
+  for name, a, b in zip(("dq", "dk", "dv"), g_blk, g_ref, strict=True):
+    assert np.isfinite(np.asarray(a)).all(), name
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0, err_msg=name)
+  # bf16 as the model runs it: same result as the einsum path up to bf16 rounding
+  qb, kb, vb = (t.astype(jnp.bfloat16) for t in (q, k, v))
+  ref_b = fused_attention(qb, kb, vb, segment_ids=seg, causal=causal, impl="xla", dtype=jnp.bfloat16)
+  out_b = fused_attention(qb, kb, vb, segment_ids=seg, causal=causal, impl="blocked", dtype=jnp.bfloat16)
+  assert out_b.dtype == jnp.bfloat16
+  _close_on(valid, np.asarray(out_b, np.float32), np.asarray(ref_b, np.float32), 3e-2)
+
+
+def _grad_temp_bytes(impl: str, length: int) -> int:
+  x = jax.ShapeDtypeStruct((1, length, 4, 32), jnp.float32)
+  s = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+  def loss(q, k, v, seg):
+    return jnp.sum(fused_attention(q, k, v, segment_ids=seg, causal=True, impl=impl, dtype=jnp.float32))
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, s).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_blocked_backward_memory_grows_linearly_where_xla_grows_quadratically():
+  # the einsum path keeps [B, H, L, L] float32 scores for backward; the blocked one keeps O(L) residuals and
+  # one query block's [B, H, block, L] at a time
+  blocked = [_grad_temp_bytes("blocked", n) for n in (1024, 2048)]
+  xla = [_grad_temp_bytes("xla", n) for n in (1024, 2048)]
+  assert blocked[1] / blocked[0] < 2.5, blocked
+  assert xla[1] / xla[0] > 3.0, xla
+  assert blocked[1] * 3 < xla[1], (blocked, xla)

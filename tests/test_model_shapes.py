@@ -249,3 +249,29 @@ def test_config_constructors_round_trip():
     QwenVLConfig.tiny(remat_policy="sometimes")
   with pytest.raises(ValueError, match="lacks key"):
     QwenVLConfig.from_hf_config({"hidden_size": 8})
+
+
+def test_long_packed_rows_take_the_blocked_attention_path_and_match_the_einsum_one(monkeypatch):
+  # rows longer than one attention block: "auto" on CPU resolves to "blocked"; logits and grads must equal the
+  # einsum ("xla") path's on every non-padding token
+  from bird_jax.model import attention_ops
+
+  monkeypatch.setattr(attention_ops, "BLOCKED_QUERY_BLOCK", 16)
+  cfg_auto = QwenVLConfig.tiny()
+  cfg_xla = dataclasses.replace(cfg_auto, attention_impl="xla")
+  ids, px, seg = _batch(cfg_auto)
+  assert attention_ops.resolve_impl("auto", dtype=jnp.float32, head_dim=cfg_auto.head_dim,
+                                    seq_len=ids.shape[1]) == "blocked"
+  params = _init(cfg_auto, 0)
+  valid = np.asarray(seg) != 0
+
+  def loss(p, cfg):
+    logits = QwenVL(cfg).apply({"params": p}, ids, px, segment_ids=seg)
+    return jnp.sum(jnp.where(seg[..., None] != 0, jax.nn.log_softmax(logits), 0.0)[..., :7]), logits
+
+  (l_auto, lg_auto), g_auto = jax.value_and_grad(loss, has_aux=True)(params, cfg_auto)
+  (l_xla, lg_xla), g_xla = jax.value_and_grad(loss, has_aux=True)(params, cfg_xla)
+  np.testing.assert_allclose(np.asarray(lg_auto)[valid], np.asarray(lg_xla)[valid], atol=2e-5, rtol=0)
+  np.testing.assert_allclose(float(l_auto), float(l_xla), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_auto), jax.tree.leaves(g_xla), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)

@@ -30,8 +30,9 @@ intermediate_size 2,048, ViT 256 wide x 4 layers (8 heads) at 448 px / patch 14 
 (not Qwen's 151,936, to keep the sweep in minutes), but 64 resampler queries instead of 256, so that one image
 span (66 tokens) fits every row from 256 tokens up and every point carries the same image work, and 8 resampler
 heads instead of Qwen's hidden / 128 = 4, which a tensor axis of 8 cannot split (jax IndivisibleError when the
-state is placed). float32, XLA
-attention (the CPU path: [B, H, L, L] scores), remat "none", ViT frozen / resampler + LLM trained (BiRD stage 2,
+state is placed). float32,
+attention "auto" (on CPU: the einsum path while L <= 512, the blocked flash-style path beyond: no [B, H, L, L]
+scores), remat "none", ViT frozen / resampler + LLM trained (BiRD stage 2,
 the `_base` default), LM loss in 512-token chunks. `--toy`: Qwen-VL's tiny test shapes, two lengths, 1 and 2
 devices, well under a minute.
 """

@@ -82,6 +82,14 @@ def test_html_and_invalid_json_200_are_retried_not_run_stoppers(tmp_path, key_en
   assert KEY.encode() not in _all_bytes(tmp_path) + caplog.text.encode()
 
 
+def test_invalid_json_200_is_retried(tmp_path, key_env):
+  with FakeOpenAI(faults={"conversation": ["ok", "bad_json"]}) as srv:
+    m = _gen(tmp_path / "a", _cfg(srv, tmp_path / "cache"))
+    assert srv.calls["200 bad_json"] == 1
+  s = m["llm"]["stats"]
+  assert s["retries"] == {"bad response": 1} and s["failed"] == {} and s["accepted"]["conversation"] == 8
+
+
 def test_a_request_that_only_gets_html_is_counted_and_its_body_kept(tmp_path, key_env):
   cache = tmp_path / "cache"
   with FakeOpenAI(faults={"description": ["html"] * 4}) as srv:
@@ -179,16 +187,16 @@ def test_cli_rerun_of_finished_folder_says_nothing_was_sent(tmp_path):
     first = _cli(srv, tmp_path / "a", cache, "--llm-max-retries", "3")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "16 requests, 0 cached, 18 HTTP calls" in first.stdout
-    assert "retries 2 (429: 1, 5xx: 1)" in first.stdout and "{'" not in first.stdout  # no raw dict
-    assert "llm conversation: kept 8/8 (100%)" in first.stdout
-    assert "llm 1 description" in first.stderr and "req" in first.stderr  # the tqdm bar of round one
-
     srv.reset_counts()
     again = _cli(srv, tmp_path / "a", cache, "--llm-max-retries", "3")
     assert again.returncode == 0, again.stderr[-2000:]
     assert srv.calls["chat"] == 0
-    assert "already complete" in again.stdout and "no LLM request sent" in again.stdout
     assert "0 cached, 18 HTTP calls" not in again.stdout  # the old run's line is not printed as this run's
+    assert "already complete" in again.stdout and "no LLM request sent" in again.stdout
+
+    assert "retries 2 (429: 1, 5xx: 1)" in first.stdout and "{'" not in first.stdout  # no raw dict
+    assert "llm conversation: kept 8/8 (100%)" in first.stdout
+    assert "llm 1 description" in first.stderr and "req" in first.stderr  # the tqdm bar of round one
 
     srv.default_fault = "empty"
     bad = _cli(srv, tmp_path / "c", tmp_path / "cache-c")

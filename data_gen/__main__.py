@@ -22,6 +22,7 @@ from data_gen.llm.client import LLMBudgetError, LLMError, LLMQualityError
 from data_gen.pipeline import generate_dataset
 from data_gen.stats import summary_table, write_stats
 from data_gen.tasks import parse_task_weights
+from data_gen.writer import read_manifest
 
 
 def _build_source(args: argparse.Namespace):
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   t0 = time.time()
+  # A complete folder with these parameters is returned as it is: nothing generated, nothing sent (told below).
+  before = read_manifest(a.out) if a.out.is_dir() and not a.overwrite and not a.llm_dry_run else None
   try:
     m = generate_dataset(source, a.out, seed=a.seed, test_fraction=a.test_fraction, max_turns=a.max_turns,
                          workers=a.workers, limit=a.limit, overwrite=a.overwrite,
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(format_estimate(m["llm_estimate"]))
     return 0
-  if m.get("reused"):
+  if before is not None and m == before:
     print(f"\n{a.out}: already complete with these parameters (made {m.get('created', '?')}); nothing generated"
           + (", no LLM request sent" if "llm" in m else "") + ". Pass --overwrite to build it again.")
     if "llm" in m:

@@ -493,7 +493,7 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
       raise FileExistsError(f"{out} exists but has no {MANIFEST}; remove it or pass overwrite=True "
                             "(--overwrite)")
     if old.get("params") == params:
-      return {**old, "reused": True}  # in memory only: this call generated nothing and sent nothing
+      return old
     raise FileExistsError(f"{out} holds a dataset made with other parameters; pass overwrite=True "
                           "(--overwrite) or choose another output folder")
   if llm is not None:

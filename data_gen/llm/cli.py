@@ -81,7 +81,8 @@ def summary(info: dict[str, Any]) -> str:
   rec = s.get("records") or {}
   if rec:
     lines.append("  llm records written by the LLM / templates: " + ", ".join(
-      f"{name} {r['llm']}/{r['template']}" for name, r in rec.items() if r["llm"] or name in ("train.json",)))
+      f"{name} {r['llm']}/{r['template']}" for name, r in rec.items()
+      if name in ("train.json", "test_GC.json", "test_MII.json")))  # VG/RO test answers are always templates
   lines.append(f"  llm failed {_counts(s['failed'])}; template fallback {_counts(s['fallback'])}")
   if s.get("not_sent"):
     lines.append(f"  llm not sent {_counts(s['not_sent'])}")

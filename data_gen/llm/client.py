@@ -614,6 +614,8 @@ class LLMClient:
       if first is not None:
         self.stats.cache_hits += 1
         out[i] = dataclasses.replace(first, cached=True)
+    if isinstance(self._stop, LLMBudgetError):
+      raise self._budget_error(self.stats.not_sent["budget"] + self.stats.not_sent["run stopped"])
     if self._stop is not None:
       raise self._stop
     return out

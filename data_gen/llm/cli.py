@@ -71,7 +71,7 @@ def summary(info: dict[str, Any]) -> str:
   batch = f", {s['batches']} batches ({s.get('resumed_batches', 0)} resumed)" if c["batch"] else ""
   lines = [f"  llm {c['model']}{' (batch)' if c['batch'] else ''}: {s['requests']} requests, "
            f"{s['cache_hits']} cached, {s['http_calls']} HTTP calls{batch}, retries {_counts(s['retries'])}, "
-           f"tokens {s['prompt_tokens']}+{s['completion_tokens']}, cost {cost}"]
+           f"tokens {s['prompt_tokens']}+{s['completion_tokens']}, cost {cost}, {s.get('seconds', 0):.1f} s"]
   if s.get("usage_estimated"):
     lines[-1] += f" ({s['usage_estimated']} answers without usage: tokens counted here)"
   for name, q in (s.get("quality") or {}).items():

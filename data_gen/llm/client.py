@@ -219,6 +219,7 @@ class LLMStats:
   not_sent: Counter = dataclasses.field(default_factory=Counter)  # requests never sent, by why (budget, stop)
   usage_estimated: int = 0  # fresh answers without `usage` (local servers): tokens counted here instead
   models: Counter = dataclasses.field(default_factory=Counter)  # `model` of fresh answers, as the server named it
+  seconds: float = 0.0  # wall time spent in complete_many (cache lookups, requests, retries, pacing)
   resumed_batches: int = 0  # batches of an earlier (killed) run polled to the end by this one
   rate_limit: dict = dataclasses.field(default_factory=dict)  # last x-ratelimit-* headers seen
   quality: dict = dataclasses.field(default_factory=dict)  # stage.py: per stage accepted / rejected / examples
@@ -252,6 +253,7 @@ class LLMStats:
     for k in ("cost_usd", "cached_cost_usd"):
       if d[k] is not None:
         d[k] = round(d[k], 6)
+    d["seconds"] = round(d["seconds"], 3)
     return d
 
   def spent(self) -> float:
@@ -577,6 +579,14 @@ class LLMClient:
 
     A run-stopping error (bad key/model/URL, budget reached) sends nothing more: the requests in flight finish and
     are cached, then it is raised. round_name/labels only name the requests in messages."""
+    t0 = time.monotonic()
+    try:
+      return await self._complete_many(bodies, round_name, labels)
+    finally:
+      self.stats.seconds += time.monotonic() - t0
+
+  async def _complete_many(self, bodies: list[dict[str, Any]], round_name: str,
+                           labels: list[str] | None) -> list[Completion | None]:
     labels = list(labels) if labels is not None else [None] * len(bodies)
     if self.config.batch:
       return await self._complete_batch(bodies, round_name)

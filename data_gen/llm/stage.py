@@ -108,8 +108,8 @@ def _check_round(name: str, results: list[Any], client: LLMClient) -> None:
   if results and failed > client.config.max_failed_fraction * len(results):
     reasons = ", ".join(f"{n} {r}" for r, n in client.stats.failed.most_common(3))
     where = client.cache.root if client.cache is not None else "memory (no --llm-cache)"
-    raise LLMError(f"LLM round '{name}': {failed} of {len(results)} requests failed ({reasons}); completed "
-                   f"answers are cached in {where}: fix the endpoint and rerun, or raise "
+    raise LLMError(f"LLM {client.endpoint} round '{name}': {failed} of {len(results)} requests failed ({reasons}); "
+                   f"completed answers are cached in {where}: fix the endpoint and rerun, or raise "
                    "--llm-max-failed-fraction")
 
 
@@ -129,7 +129,7 @@ async def _generate(facts_list: list[T.ImageFacts], client: LLMClient, *, train_
     bodies = round1_bodies(client, used, seed)
     log.info("LLM round 1 (description): %d requests", len(bodies))
     res = await client.complete_many(bodies, round_name=ROUND1, labels=[f.image_id for f in used])
-    _check_round("description", res, client)
+    _check_round(ROUND1, res, client)
     st = q.stage("description", 1)
     for f, c in zip(used, res, strict=True):
       st["requests"] += 1
@@ -155,7 +155,7 @@ async def _generate(facts_list: list[T.ImageFacts], client: LLMClient, *, train_
     res = await client.complete_many(bodies, round_name=ROUND2,
                                      labels=[f"{k} {f.image_id}" + (f" #{r}" if k == "conversation" else "")
                                              for k, f, r in jobs])
-    _check_round("regions + conversation", res, client)
+    _check_round(ROUND2, res, client)
 
   for (kind, f, r), c in zip(jobs, res, strict=True):
     st = q.stage(kind, 2)

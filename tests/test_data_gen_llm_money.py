@@ -39,6 +39,7 @@ from data_gen.llm.client import (
   parse_duration,
   rate_limit_wait,
 )
+from data_gen.llm.estimate import format_estimate
 from data_gen.llm.tokens import TokenCounter
 from data_gen.pipeline import generate_dataset
 
@@ -226,6 +227,9 @@ def test_dry_run_estimate_needs_no_key_sends_nothing_and_knows_the_cache(tmp_pat
     assert t["cost_usd"] == pytest.approx((t["prompt_tokens"] * 1.0 + t["expected_completion_tokens"] * 2.0) / 1e6,
                                           abs=1e-6)
     assert t["worst_cost_usd"] >= t["cost_usd"] > 0
+    table = format_estimate(est)
+    assert f"| 1 description | 6 | 0 | 6 | {r1['prompt_tokens']} | " in table
+    assert f"${t['cost_usd']:.4f} / ${t['worst_cost_usd']:.4f} | ${t['cost_batch_usd']:.4f}" in table
 
     monkeypatch.setenv(KEY_ENV, KEY)
     _gen(tmp_path / "a", _cfg(srv, cache))

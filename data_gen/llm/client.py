@@ -2,15 +2,22 @@
 
 What it adds to `openai.AsyncOpenAI` (whose own retries are switched off so the policy here is the only one and
 every retry is counted):
-  * bounded concurrency (asyncio.Semaphore) and one in-flight call per distinct request;
-  * retries with exponential backoff + jitter on 408/409/429/5xx, timeouts and connection errors (Retry-After
-    honoured up to backoff_max_s); 401/403/404 stop the run (wrong key / model / URL), other 4xx fail that
-    one request;
+  * bounded concurrency (asyncio.Semaphore) and one call per distinct request of a round;
+  * retries with exponential backoff + jitter on 408/409/429/5xx, timeouts and connection errors (Retry-After,
+    retry-after-ms or the exhausted x-ratelimit-reset-* honoured up to backoff_max_s); 401/403/404 and a 400
+    about response_format stop the run (wrong key / model / URL / --llm-no-json-mode), other 4xx fail that one
+    request; a 200 that is no chat completion (HTML, invalid JSON, no `choices`) is a failed attempt, retried;
+  * a run-stopping error sends nothing more, lets the requests in flight finish (and be cached), then is raised;
+    every message names the endpoint, the round and the request;
+  * client-side pacing (--llm-rpm, --llm-tpm) and a budget (--llm-max-cost: each request reserves its worst
+    case, prompt + max_tokens, before it is sent);
   * a hard per-request deadline (asyncio.wait_for on top of the HTTP timeout, so a trickling server can't hang us);
   * an on-disk cache: one JSON file per request, `<cache>/<key[:2]>/<key>.json`, key = sha256 of the request
-    body (model, messages, temperature, seed, max_tokens, response_format) -- written tmp + fsync + rename, so a
-    killed run loses only calls still in flight and a rerun repeats no completed call;
-  * token and cost accounting (`usage` of each fresh response x a price table, overridable);
+    body (model, messages, temperature, seed, max_tokens, response_format) -- written tmp + fsync + rename, the
+    body as it arrived before anything parses it (then replaced by its parsed form), so a killed run loses only
+    calls still in flight and a rerun repeats no completed call;
+  * token and cost accounting (`usage` of each fresh response x a price table, overridable; a server without
+    `usage` is counted with tokens.TokenCounter);
   * OpenAI Batch API mode: the missing requests go into a JSONL file that is uploaded (files.create), run
     (batches.create), polled and downloaded; results land in the same cache. The batch id is kept under
     `<cache>/batches/` until its output is read, so a killed run resumes polling instead of paying again.

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from data_gen.llm.cli import add_llm_args, llm_config_from_args
 from data_gen.llm.cli import summary as llm_summary
-from data_gen.llm.client import LLMError
+from data_gen.llm.client import LLMBudgetError, LLMError, LLMQualityError
 from data_gen.pipeline import generate_dataset
 from data_gen.stats import summary_table, write_stats
 from data_gen.tasks import parse_task_weights
+from data_gen.writer import read_manifest
 
 
 def _build_source(args: argparse.Namespace):
@@ -122,15 +123,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   t0 = time.time()
+  # A complete folder with these parameters is returned as it is: nothing generated, nothing sent (told below).
+  before = read_manifest(a.out) if a.out.is_dir() and not a.overwrite and not a.llm_dry_run else None
   try:
     m = generate_dataset(source, a.out, seed=a.seed, test_fraction=a.test_fraction, max_turns=a.max_turns,
                          workers=a.workers, limit=a.limit, overwrite=a.overwrite,
                          records_per_image=a.records_per_image, progress=True, llm=llm,
-                         task_weights=task_weights)
+                         task_weights=task_weights, llm_dry_run=a.llm_dry_run)
+  except LLMBudgetError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+  except LLMQualityError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 4
   except (FileExistsError, ValueError, LLMError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   dt = time.time() - t0
+  if "llm_estimate" in m:
+    from data_gen.llm.estimate import format_estimate
+
+    print(format_estimate(m["llm_estimate"]))
+    return 0
+  if before is not None and m == before:
+    print(f"\n{a.out}: already complete with these parameters (made {m.get('created', '?')}); nothing generated"
+          + (", no LLM request sent" if "llm" in m else "") + ". Pass --overwrite to build it again.")
+    if "llm" in m:
+      s = m["llm"]["stats"]
+      cost = "unknown" if s.get("cost_usd") is None else f"${s['cost_usd']:.4f}"
+      print(f"  llm (the run that made it): {s['requests']} requests, {s['http_calls']} HTTP calls, cost {cost}")
+    return 0
   c = m["counts"]
   print(f"\n{a.out}: source={m['source']} seed={m['seed']} version={m['version']} ({dt:.1f}s)")
   for s in ("train", "test"):

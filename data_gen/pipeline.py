@@ -446,13 +446,15 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
                      records_per_image: int = 1, min_area: int | None = None,
                      connected_components: bool = True, progress: bool = False,
                      write_stats: bool = True, llm: LLMConfig | None = None,
-                     task_weights: dict[str, float] | None = None) -> dict[str, Any]:
+                     task_weights: dict[str, float] | None = None, llm_dry_run: bool = False) -> dict[str, Any]:
   """Builds the dataset folder at out_dir and returns its manifest.
 
   task_weights: how often each task is drawn for a training turn (default data_gen.tasks.TASK_WEIGHTS);
   the one-turn test files always hold every task.
 
   llm: write the records with an LLM (data_gen.llm; manifest["llm"] gets its stats) instead of templates.
+  llm_dry_run: read the source, then return {"llm_estimate": data_gen.llm.estimate.estimate(...)} without
+  sending anything or writing out_dir (no API key needed).
 
   Idempotent: if out_dir already holds a complete folder made with the same parameters, nothing is done and
   its manifest is returned; different parameters or a non-dataset folder raise unless overwrite=True.
@@ -474,6 +476,17 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
     from data_gen.llm.stage import llm_params
 
     params["llm"] = llm_params(llm)
+  if llm_dry_run:
+    if llm is None:
+      raise ValueError("--llm-dry-run needs --llm-base-url (the endpoint whose requests it estimates)")
+    tmp = make_temp_dir(out)
+    try:
+      return _generate_into(source, tmp, params, seed=seed, test_fraction=test_fraction, max_turns=max_turns,
+                            workers=workers, limit=limit, records_per_image=records_per_image, min_area=min_area,
+                            connected_components=connected_components, progress=progress,
+                            write_stats=False, llm=llm, task_weights=task_weights, llm_dry_run=True)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
   if out.exists() and not overwrite:
     old = read_manifest(out)
     if old is None:
@@ -503,7 +516,8 @@ def generate_dataset(source: Any, out_dir: str | Path, *, seed: int = 0, test_fr
 def _generate_into(source: Any, tmp: Path, params: dict, *, seed: int, test_fraction: float, max_turns: int,
                    workers: int, limit: int | None, records_per_image: int, min_area: int | None,
                    connected_components: bool, progress: bool, write_stats: bool,
-                   llm: LLMConfig | None = None, task_weights: dict[str, float] | None = None) -> dict[str, Any]:
+                   llm: LLMConfig | None = None, task_weights: dict[str, float] | None = None,
+                   llm_dry_run: bool = False) -> dict[str, Any]:
   skips = SkipReport()
   total = None
   try:
@@ -546,6 +560,11 @@ def _generate_into(source: Any, tmp: Path, params: dict, *, seed: int, test_frac
 
   train_cases, test_cases = split_cases(((f.case_id, f.modality) for f in facts), test_fraction, seed)
   llm_info = None
+  if llm_dry_run:
+    from data_gen.llm.estimate import estimate
+
+    return {"llm_estimate": estimate(facts, llm, train_cases=train_cases, test_cases=test_cases, seed=seed,
+                                     max_turns=max_turns, records_per_image=records_per_image)}
   if llm is None:
     train, test, qa_counts = build_records(facts, train_cases, test_cases, seed=seed, max_turns=max_turns,
                                            records_per_image=records_per_image, task_weights=task_weights)
@@ -587,6 +606,6 @@ def _generate_into(source: Any, tmp: Path, params: dict, *, seed: int, test_frac
     manifest["llm"] = llm_info
   if write_stats:
     from data_gen.stats import write_stats as _write_stats
-    manifest["stats"] = _write_stats(tmp)
+    manifest["stats"] = _write_stats(tmp, llm=llm_info)
   write_json(tmp / MANIFEST, manifest)  # last: its presence marks the folder complete
   return manifest

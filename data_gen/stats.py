@@ -71,8 +71,34 @@ def summary_table(qa: dict[str, dict[str, dict[str, int]]]) -> str:
   return "\n".join(_table(qa)).strip()
 
 
-def write_stats(folder: str | Path) -> dict[str, Any]:
-  """Writes stats.md + box_sizes.png + turns.png into `folder`; returns the file names."""
+def llm_section(llm: dict[str, Any]) -> list[str]:
+  """stats.md lines for an LLM-written folder: acceptance per stage, records by LLM vs template, spend."""
+  s = llm.get("stats") or {}
+  md = ["", f"### LLM stage ({(llm.get('config') or {}).get('model', '?')})", "",
+        "| stage | round | requests | kept / asked | acceptance | failed | top rejections |",
+        "|---|---:|---:|---:|---:|---:|---|"]
+  for name, q in (s.get("quality") or {}).items():
+    rate = "-" if q.get("acceptance") is None else f"{100 * q['acceptance']:.1f}%"
+    top = ", ".join(f"{why} ({n})" for why, n in list((q.get("rejected") or {}).items())[:3]) or "-"
+    md.append(f"| {name} | {q.get('round')} | {q.get('requests')} | {q.get('accepted')} / {q.get('units')} | {rate} "
+              f"| {q.get('failed')} | {top} |")
+  rec = s.get("records") or {}
+  if rec:
+    md += ["", "| file | records by the LLM | by templates |", "|---|---:|---:|"]
+    md += [f"| {name} | {r['llm']} | {r['template']} |" for name, r in rec.items()]
+    md += ["", 'Which ones: manifest.json["llm"]["stats"]["records"][file]["by_record"], one letter per record '
+           "in file order (L: LLM, T: template)."]
+  cost = s.get("cost_usd")
+  md += ["", f"Requests {s.get('requests', 0)} ({s.get('cache_hits', 0)} from the cache), tokens "
+         f"{s.get('prompt_tokens', 0)}+{s.get('completion_tokens', 0)} paid in the run that wrote this folder, cost "
+         + ("unknown" if cost is None else f"${cost:.4f}") + "."]
+  return md
+
+
+def write_stats(folder: str | Path, llm: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Writes stats.md + box_sizes.png + turns.png into `folder`; returns the file names.
+
+  llm: the manifest's "llm" block (read from manifest.json when not given) adds the LLM stage's section."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -89,6 +115,13 @@ def write_stats(folder: str | Path) -> dict[str, Any]:
   md += ["|---|" + "---|" * len(keys)]
   for s, c in st["turns"].items():
     md.append(f"| {s} | " + " | ".join(str(c.get(k, 0)) for k in keys) + " |")
+  if llm is None and (folder / "manifest.json").is_file():
+    try:
+      llm = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("llm")
+    except (OSError, ValueError, AttributeError):
+      llm = None
+  if llm:
+    md += llm_section(llm)
   (folder / "stats.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
   fig, ax = plt.subplots(figsize=(6, 3.5))

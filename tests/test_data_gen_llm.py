@@ -1,8 +1,11 @@
 """data_gen LLM stage against a real loopback HTTP server that speaks the OpenAI chat/files/batches API.
 
 The server (stdlib http.server in a thread) plays the model: it reads the facts block of each prompt and answers
-from it, and it can be scripted per stage to fail (429, 500, hang until the client gives up) or to answer badly
-(malformed JSON, an invented box, an unknown label). The client under test is the real `openai` package over real
+from it, and it can be scripted per stage to fail (429 with Retry-After or with x-ratelimit-* headers, 500, hang
+until the client gives up), to send a 200 that is no chat completion (an HTML page as from a proxy, invalid JSON,
+no `choices`), or to answer badly (malformed JSON, an invented box, an unknown label, an empty answer). It can also
+behave like a local server (vLLM, llama.cpp, Ollama): no `usage`, a 400 for `response_format`, another `model`
+name in its answers. tests/test_data_gen_llm_*.py reuse it. The client under test is the real `openai` package over real
 sockets. Nothing here depends on speed: a hung request is held until the client closes the connection, and
 concurrency is checked by holding requests until the expected number is in flight.
 """
@@ -20,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter, deque
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -104,8 +108,14 @@ class FakeOpenAI:
   """
 
   def __init__(self, *, faults: dict[str, list[str]] | None = None, gate_inflight: int = 0,
-               api_key: str = KEY) -> None:
+               api_key: str = KEY, default_fault: str = "ok", usage: bool = True,
+               reject_response_format: bool = False, answer_model: str | None = None,
+               latency_s: float = 0.0) -> None:
     self.faults = {k: deque(v) for k, v in (faults or {}).items()}
+    self.default_fault = default_fault  # the fault of every request whose stage has no scripted one left
+    self.usage, self.reject_response_format, self.answer_model = usage, reject_response_format, answer_model
+    self.latency_s = latency_s
+    self.arrivals: list[float] = []  # time.monotonic() of each chat request
     self.gate_inflight, self.api_key = gate_inflight, api_key
     self.gate_open = threading.Event()
     self.stopping = threading.Event()  # set at teardown: releases requests still held
@@ -149,7 +159,7 @@ class FakeOpenAI:
   def next_fault(self, stage: str) -> str:
     with self.lock:
       q = self.faults.get(stage)
-      return q.popleft() if q else "ok"
+      return q.popleft() if q else self.default_fault
 
   # -- batch side --
   def _run_batch(self, batch: dict[str, Any]) -> None:
@@ -192,11 +202,12 @@ class FakeOpenAI:
             self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-      def _send(self, code: int, obj: Any, headers: dict[str, str] | None = None, raw: bytes | None = None) -> None:
+      def _send(self, code: int, obj: Any, headers: dict[str, str] | None = None, raw: bytes | None = None,
+                content_type: str = "application/json") -> None:
         data = raw if raw is not None else json.dumps(obj).encode()
         try:
           self.send_response(code)
-          self.send_header("Content-Type", "application/json")
+          self.send_header("Content-Type", content_type)
           self.send_header("Content-Length", str(len(data)))
           for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -289,6 +300,7 @@ class FakeOpenAI:
         with srv.lock:
           srv.calls["chat"] += 1
           srv.received.append(h)
+          srv.arrivals.append(time.monotonic())
           if srv.kill_after is not None and len(srv.answered) >= srv.kill_after and srv.kill_pid:
             os.kill(srv.kill_pid, signal.SIGKILL)  # mid-request: this one is never answered
             srv.kill_pid = None
@@ -303,7 +315,32 @@ class FakeOpenAI:
           return
         prompt = body["messages"][-1]["content"]
         stage = STAGES[STAGE_RE.search(prompt).group(1)]
+        if srv.latency_s:
+          time.sleep(srv.latency_s)
+        if srv.reject_response_format and "response_format" in body:  # llama.cpp / Ollama builds that refuse it
+          with srv.lock:
+            srv.inflight -= 1
+            srv.calls["rejected response_format"] += 1
+          self._send(400, {"error": {"message": "'response_format' is not supported by this server",
+                                     "type": "invalid_request_error"}})
+          return
         fault = srv.next_fault(stage)
+        if fault in ("html", "bad_json", "no_choices"):  # a 200 that is no chat completion
+          with srv.lock:
+            srv.inflight -= 1
+            srv.calls[f"200 {fault}"] += 1
+          if fault == "html":  # a proxy's or captive portal's page
+            self._send(200, None, raw=b"<html><body><h1>Gateway login</h1></body></html>", content_type="text/html")
+          elif fault == "bad_json":
+            self._send(200, None, raw=b'{"id": "chatcmpl-x", "choices": [{"message": {"content": tru')
+          else:
+            self._send(200, {"id": "chatcmpl-x", "object": "chat.completion", "model": body["model"]})
+          return
+        if fault == "401":  # the key was revoked mid-run
+          with srv.lock:
+            srv.inflight -= 1
+          self._send(401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
+          return
         if fault == "hang":  # no answer at all: held until the client times out and closes the connection
           with srv.lock:
             srv.inflight -= 1  # the client abandons it at its timeout; don't count the zombie
@@ -316,10 +353,19 @@ class FakeOpenAI:
         code, headers, obj = 200, {}, None
         if fault == "429":
           code, headers, obj = 429, {"Retry-After": "0"}, {"error": {"message": "slow down", "type": "rate_limit"}}
+        elif fault == "429_ratelimit_headers":  # OpenAI's headers, no Retry-After: the request window resets in 0.6s
+          code, obj = 429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}}
+          headers = {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "0",
+                     "x-ratelimit-reset-requests": "600ms", "x-ratelimit-limit-tokens": "10000",
+                     "x-ratelimit-remaining-tokens": "9000", "x-ratelimit-reset-tokens": "6m0s"}
         elif fault == "500":
           code, obj = 500, {"error": {"message": "internal", "type": "server_error"}}
         else:
-          obj = _completion(body, _answer(stage, prompt, fault))
+          obj = _completion(body, "" if fault == "empty" else _answer(stage, prompt, fault))
+          if not srv.usage:
+            del obj["usage"]
+          if srv.answer_model:
+            obj["model"] = srv.answer_model
         with srv.lock:  # bookkeeping before the reply: the client may send its next request right after it
           srv.inflight -= 1
           if code == 200:
@@ -549,7 +595,8 @@ def test_batch_api_end_to_end_and_resume(tmp_path, key_env, caplog):
     s = m["llm"]["stats"]
     assert srv.calls["chat"] == 0  # everything went through the Batch API
     assert srv.calls["files.create"] == 1 and srv.calls["batches.create"] == 1  # round two only
-    assert s["batches"] == 1 and s["batch_requests"] == 10
+    # The resumed round-one batch (6) and round two's new one (10): both are this dataset's batches.
+    assert s["batches"] == 2 and s["resumed_batches"] == 1 and s["batch_requests"] == 16
     assert s["requests"] == 16 and s["cache_hits"] == 0
     assert s["rejected"] == {"conversation: invented box": 1}
     assert s["failed"] == {"batch: server_error": 1}

@@ -176,6 +176,7 @@ def test_a_config_that_does_not_fit_the_slice_is_refused_before_anything_is_crea
   assert compile_cmd[1:3] == ["-m", "bird_jax.compile"] and flags(compile_cmd)["--topology"] == "v5e-4"
 
 
+@pytest.mark.slow  # a real compile for v5e-8 (about a minute on 2 cores)
 def test_a_config_that_fits_passes_the_compile_check_then_the_dry_run_goes_on():
   pytest.importorskip("libtpu")
   r = sh("tpu_vm.sh", "--dry-run", *TPU, "--accelerator-type=v5e-8", "--", "--config=cpu_demo")
@@ -285,6 +286,7 @@ def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
   return out
 
 
+@pytest.mark.slow  # a phantom set, a TFDS build and two steps
 def test_trainer_writes_checkpoints_and_tensorboard_where_the_flags_say(tmp_path):
   pytest.importorskip("tensorboardX")
   from tests.test_train_paths import TOY

@@ -45,7 +45,7 @@ def test_committed_notebooks_have_no_outputs(name):
       assert cell.outputs == [] and cell.execution_count is None, f"{name}: clear the outputs before committing"
 
 
-@pytest.mark.slow  # trains and evaluates: about a minute and a half on 2 CPU cores
+@pytest.mark.slow  # trains and evaluates: 40-90 s on 2 shared CPU cores
 def test_quickstart_notebook_trains_evaluates_and_draws(tmp_path, monkeypatch):
   nb, result = execute("01_quickstart.ipynb", tmp_path, monkeypatch)
   assert result["backend"] == "cpu" and result["steps"] == 8

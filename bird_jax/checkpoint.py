@@ -13,11 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def checkpoint_path(directory: str | Path) -> Path | epath.Path:
+  """A local folder made absolute, or a URL (gs://bucket/...) kept intact for Orbax's epath layer
+  (pathlib would fold "gs://b" into "gs:/b")."""
+  if "://" in str(directory):
+    return epath.Path(str(directory))
+  return Path(directory).absolute()
 
 
 class Checkpointer:
   def __init__(self, directory: str | Path, *, max_to_keep: int = 2, async_save: bool = True):
-    self.directory = Path(directory).absolute()
+    self.directory = checkpoint_path(directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
     )

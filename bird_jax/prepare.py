@@ -208,6 +208,12 @@ def ensure_tfds(config: ml_collections.ConfigDict, raw: Path, data_dir: Path) ->
 
 def prepare(config: ml_collections.ConfigDict, workdir: Path, *, for_training: bool = True) -> PreparedData:
   """for_training=False (evaluation, chat, export) skips the curriculum set, which only training reads."""
+  if "://" in config.data.tfds_dir:
+    from bird_jax.config_util import ConfigError
+
+    raise ConfigError(f"data.tfds_dir={config.data.tfds_dir}: ArrayRecord reads and writes local files only "
+                      "(google/array_record#120); mount the bucket with gcsfuse and pass the mount's path "
+                      "(launch/tpu_vm.sh --bucket does)")
   raw = ensure_raw_dataset(config, workdir)
   curriculum_raw = ensure_curriculum_dataset(config, workdir) if for_training else None
   tokenizer, tok_path = ensure_tokenizer(config, workdir, raw)

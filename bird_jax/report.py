@@ -121,10 +121,9 @@ def _spread(records: Sequence[Mapping[str, Any]], max_samples: int, task: str | 
 
 def write_modality_chart(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
   """Grouped bars: per-modality score of each task (VG recall, RO accuracy, GC/MII CIDEr). None if empty."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # Drawn on a bare Figure (Agg canvas), not through pyplot: no global backend switch in the caller's process
+  # (a notebook that trains and evaluates in-process keeps showing its own figures).
+  from matplotlib.figure import Figure
 
   series = []
   for task, r in results.items():
@@ -133,7 +132,8 @@ def write_modality_chart(results: Mapping[str, Mapping[str, Any]], path: str | o
       series.append((f"{task} {k}", [r["per_modality"][m].get(k) or 0.0 for m in M.MODALITIES]))
   if not series:
     return None
-  fig, ax = plt.subplots(figsize=(10, 4))
+  fig = Figure(figsize=(10, 4))
+  ax = fig.subplots()
   x = np.arange(len(M.MODALITIES))
   w = 0.8 / len(series)
   for i, (label, vals) in enumerate(series):
@@ -146,7 +146,6 @@ def write_modality_chart(results: Mapping[str, Mapping[str, Any]], path: str | o
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, format="png", dpi=100)
-  plt.close(fig)
   return path
 
 

@@ -49,6 +49,18 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
+def open_tensorboard(directory: str) -> Any:
+  """A tensorboardX SummaryWriter on `directory` (local, or gs:// through tensorboardX's google-cloud-storage
+  writer: pip install -e ".[gcs]"); None when directory is ""."""
+  if not directory:
+    return None
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    raise ConfigError(f"train.tensorboard_dir={directory} needs tensorboardX: pip install -e \".[gcs]\"") from None
+  return SummaryWriter(directory if "://" in directory else str(Path(directory).absolute()), flush_secs=30)
+
+
 def fresh_state(init_from: str, model_cfg, tx: optax.GradientTransformation, init_state, state_shardings):
   """Step-0 state in its target shardings: the Hugging Face checkpoint's weights when `init_from` is set
   (loaded tensor by tensor straight into the shardings, never random-initialised first), else random."""
@@ -82,6 +94,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
 
   if not 0.0 <= config.data.curriculum.keep < 1.0:
     raise ConfigError(f"data.curriculum.keep={config.data.curriculum.keep}: use a fraction in [0, 1)")
+  if "://" in config.workdir:
+    raise ConfigError(f"workdir={config.workdir}: the workdir (logs, metrics, evaluation) is a local folder; put "
+                      "checkpoints and TensorBoard on the bucket with --config.train.checkpoint_dir=gs://... and "
+                      "--config.train.tensorboard_dir=gs://... (launch/tpu_vm.sh --bucket does)")
   workdir = Path(config.workdir).absolute()
   _setup_logging(workdir)
   t_start = time.time()
@@ -114,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
            f"{param_count(abstract_state['params']['visual']):,}", f"{param_count(abstract_state['params']['llm']):,}",
            dict(mesh.shape), jax.device_count(), jax.devices()[0].platform)
 
-  ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tc.max_to_keep)
+  ckpt = Checkpointer(tc.get("checkpoint_dir") or workdir / "checkpoints", max_to_keep=tc.max_to_keep)
   meta = {"config": config_name, "mesh": list(mesh.devices.shape), "processes": jax.process_count(),
           "scan_layers": model_cfg.scan_layers}
   data_state = None
@@ -176,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   step_fn, model = parts.step, parts.model
   history: list[dict[str, float]] = []
   metrics_file = open(workdir / "metrics.jsonl", "a", buffering=1) if is_main else None
+  tb_writer = open_tensorboard(tc.get("tensorboard_dir", "")) if is_main else None
   # A live bar on terminals; logs and CI get the step lines only.
   progress = tqdm(total=tc.steps, initial=start_step, desc="train", dynamic_ncols=True,
                   disable=not (is_main and sys.stderr.isatty()))
@@ -223,6 +240,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
         progress.write(line)
     if metrics_file:
       metrics_file.write(json.dumps(record) + "\n")
+    if tb_writer is not None:
+      for key, value in record.items():
+        if isinstance(value, int | float):
+          tb_writer.add_scalar(f"train/{key}", value, at_step)
     progress.set_postfix(loss=f"{record['loss']:.3f}")
 
   eval_curve: list[dict[str, Any]] = []
@@ -281,6 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   progress.close()
   if metrics_file:
     metrics_file.close()
+  if tb_writer is not None:
+    tb_writer.close()
   ckpt.wait()
   train_minutes = (time.time() - t_train) / 60
 

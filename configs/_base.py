@@ -91,6 +91,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200
   c.train.max_to_keep = 2
   c.train.max_minutes = 0.0  # >0: stop early (and checkpoint) after this much training time
+  # Orbax checkpoints; "" -> <workdir>/checkpoints. A gs://bucket/... path goes through Orbax's own filesystem
+  # layer (etils epath + gcsfs, tensorstore for the arrays; pip install -e ".[gcs]"), so a recreated spot slice
+  # or a requeued job resumes from the bucket (launch/README.md).
+  c.train.checkpoint_dir = ""
+  # TensorBoard event files of the logged metrics (tensorboardX; gs:// through its google-cloud-storage
+  # writer); "" -> none.
+  c.train.tensorboard_dir = ""
 
   c.eval = ml_collections.ConfigDict()
   c.eval.at_end = True

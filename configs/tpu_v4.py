@@ -3,7 +3,7 @@
   python -m bird_jax.compile --config=tpu_v4            # proves it fits v4-16 (libtpu: pip install -e ".[tpu]")
   python -m bird_jax.train --config=tpu_v4 \\
       --config.init_from=/ckpt/Qwen-VL-Chat --config.data.tokenizer=/ckpt/Qwen-VL-Chat \\
-      --config.data.raw_dir=/data/med_grit --config.workdir=gs://bucket/runs/bird_v4
+      --config.data.raw_dir=/data/med_grit --config.train.checkpoint_dir=gs://bucket/runs/bird_v4/checkpoints
 
 The BiRD recipe (bird_paper.md §2): AdamW lr 2e-5 cosine, warmup 1 %, weight decay 0.1, β2 0.95, global batch
 256 packed 2048-token rows (32 per GPU × 8 in the paper) as 32 micro-batches of one row per chip, ViT frozen

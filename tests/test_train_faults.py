@@ -123,6 +123,7 @@ def test_kill_9_anywhere_then_rerun_gives_the_uninterrupted_run_bit_for_bit(prep
   assert done.returncode == 0, done.stderr[-2000:]
   workdir = fresh_workdir(prepared, tmp_path / "killed")
   rng = random.Random(0)
+  ckpts = workdir / "checkpoints"
   kills = []
   for moment in ("random", "during checkpoint write", "random", "during checkpoint write"):
     proc = subprocess.Popen(command(workdir, *steps), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
@@ -132,7 +133,6 @@ def test_kill_9_anywhere_then_rerun_gives_the_uninterrupted_run_bit_for_bit(prep
       wait_for(lambda s=start: steps_logged(workdir) > s, proc)  # training (not only start-up) is under way
       time.sleep(rng.uniform(0.0, 1.0))
     else:
-      ckpts = workdir / "checkpoints"
       wait_for(lambda: ckpts.is_dir() and any("orbax-checkpoint-tmp" in p.name for p in ckpts.iterdir()), proc)
     if proc.poll() is None:
       proc.send_signal(signal.SIGKILL)

@@ -74,6 +74,17 @@ def _setup_logging(workdir: Path) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> dict[str, Any]:
+  # The SIGTERM handler goes in first: a preemption during data preparation or compilation then ends the run
+  # cleanly after its first step instead of killing it with nothing saved.
+  preemption = Preemption()
+  try:
+    return _train_and_evaluate(config, config_name, preemption)
+  finally:
+    preemption.restore()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, config_name: str, preemption: Preemption
+                        ) -> dict[str, Any]:
   from tqdm import tqdm
 
   from bird_jax.checkpoint import Checkpointer
@@ -267,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
 
   step = start_step
   stopped_early = preempted = False
-  preemption = Preemption(ckpt)
+  preemption.ckpt = ckpt
   try:
     with jax.set_mesh(mesh):
       while step < tc.steps:
@@ -314,7 +325,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
       if pending is not None:
         report(*pending)
   finally:
-    preemption.restore()
     progress.close()
     if metrics_file:
       metrics_file.close()
@@ -357,8 +367,8 @@ class Preemption:
   one comes back in `restore`). Several: Orbax's preemption sync point, which JAX's distributed service raises on
   every process at the same step, so all of them save the same step."""
 
-  def __init__(self, ckpt) -> None:
-    self.ckpt, self.signal_name, self._got = ckpt, "", False
+  def __init__(self) -> None:
+    self.ckpt, self.signal_name, self._got = None, "", False
     self._previous = None
     if jax.process_count() == 1:
       try:
@@ -370,7 +380,7 @@ class Preemption:
     self._got, self.signal_name = True, signal.Signals(signum).name
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1 and not self._got and self.ckpt.manager.reached_preemption(step):
+    if jax.process_count() > 1 and not self._got and self.ckpt and self.ckpt.manager.reached_preemption(step):
       self._got, self.signal_name = True, "preemption notice"
     return self._got
 

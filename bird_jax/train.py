@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,18 +50,6 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
-def open_tensorboard(directory: str) -> Any:
-  """A tensorboardX SummaryWriter on `directory` (local, or gs:// through tensorboardX's google-cloud-storage
-  writer: pip install -e ".[gcs]"); None when directory is ""."""
-  if not directory:
-    return None
-  try:
-    from tensorboardX import SummaryWriter
-  except ImportError:
-    raise ConfigError(f"train.tensorboard_dir={directory} needs tensorboardX: pip install -e \".[gcs]\"") from None
-  return SummaryWriter(directory if "://" in directory else str(Path(directory).absolute()), flush_secs=30)
-
-
 def fresh_state(init_from: str, model_cfg, tx: optax.GradientTransformation, init_state, state_shardings):
   """Step-0 state in its target shardings: the Hugging Face checkpoint's weights when `init_from` is set
   (loaded tensor by tensor straight into the shardings, never random-initialised first), else random."""
@@ -85,10 +74,21 @@ def _setup_logging(workdir: Path) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> dict[str, Any]:
+  # The SIGTERM handler goes in first: a preemption during data preparation or compilation then ends the run
+  # cleanly after its first step instead of killing it with nothing saved.
+  preemption = Preemption()
+  try:
+    return _train_and_evaluate(config, config_name, preemption)
+  finally:
+    preemption.restore()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, config_name: str, preemption: Preemption
+                        ) -> dict[str, Any]:
   from tqdm import tqdm
 
   from bird_jax.checkpoint import Checkpointer
-  from bird_jax.data.pipeline import load_split, make_train_dataset
+  from bird_jax.data.pipeline import load_split
   from bird_jax.model import param_count
   from bird_jax.prepare import prepare
 
@@ -130,6 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
            f"{param_count(abstract_state['params']['visual']):,}", f"{param_count(abstract_state['params']['llm']):,}",
            dict(mesh.shape), jax.device_count(), jax.devices()[0].platform)
 
+  from bird_jax.checkpoint import DamagedCheckpoint
+
   ckpt = Checkpointer(tc.get("checkpoint_dir") or workdir / "checkpoints", max_to_keep=tc.max_to_keep)
   meta = {"config": config_name, "mesh": list(mesh.devices.shape), "processes": jax.process_count(),
           "scan_layers": model_cfg.scan_layers}
@@ -137,7 +139,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
   with jax.set_mesh(mesh):
     if ckpt.latest_step() is not None:
       target = shd.abstract_with_shardings(abstract_state, state_shardings)
-      state, data_state, _ = ckpt.restore(target, expect_meta={k: meta[k] for k in ("scan_layers",)})
+      try:  # the newest step that restores and verifies; damaged newer ones are set aside with one warning
+        state, data_state, _ = ckpt.restore(target, expect_meta={k: meta[k] for k in ("scan_layers",)},
+                                            set_aside=True)
+      except DamagedCheckpoint as e:
+        raise ConfigError(str(e)) from None
       log.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     else:
       state = fresh_state(config.init_from, model_cfg, tx, init_state, state_shardings)
@@ -156,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
     source, seq_len = train_source, stream_seq_len(stage)
     if stage == "curriculum":
       source = load_split(data.curriculum_tfds_dir, "train", config.data.builder_config)
-    it = iter(make_train_dataset(
+    it = iter(make_train_dataset_or_exit(
       source, data.tokenizer, seq_len=seq_len, image_size=model_cfg.image_size,
       batch_size=per_process, seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
       packing=config.data.packing, max_images_per_row=config.data.images_per_row or None,
@@ -189,10 +195,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
                   curriculum_steps, tc.steps)
 
   # ---- train loop ----------------------------------------------------------------------------------
+  from bird_jax.metric_writer import MetricWriter, eval_scalars
+  from bird_jax.train_step import learning_rate
+
   step_fn, model = parts.step, parts.model
   history: list[dict[str, float]] = []
   metrics_file = open(workdir / "metrics.jsonl", "a", buffering=1) if is_main else None
-  tb_writer = open_tensorboard(tc.get("tensorboard_dir", "")) if is_main else None
+  tb = MetricWriter(tc.get("tensorboard_dir") or workdir / "tensorboard", enabled=is_main)
+  lr_at = learning_rate(tc, tc.steps)
+  data_wait_since = 0.0  # seconds the host waited for input since the last logged step
   # A live bar on terminals; logs and CI get the step lines only.
   progress = tqdm(total=tc.steps, initial=start_step, desc="train", dynamic_ncols=True,
                   disable=not (is_main and sys.stderr.isatty()))
@@ -211,10 +222,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
                             train_vit=tc.train_vit, train_resampler=tc.train_resampler, train_llm=tc.train_llm).total
 
   def report(at_step: int, device_metrics: dict[str, jax.Array], data_set: str, seq_len: int) -> None:
-    nonlocal t_last, tokens_since, steps_since, flops_since
+    nonlocal t_last, tokens_since, steps_since, flops_since, data_wait_since
     m = jax.device_get(device_metrics)
     if not math.isfinite(float(m["loss"])):
-      raise FloatingPointError(f"loss became {m['loss']} at step {at_step}; lower --config.train.lr")
+      good = [s for s in ckpt.all_steps() if s < at_step]
+      raise FloatingPointError(f"loss became {m['loss']} at step {at_step}; stopped, the last good checkpoint is "
+                               f"step {good[-1] if good else 'none'} in {ckpt.directory}; lower --config.train.lr")
     tokens_since += float(m["tokens"])
     steps_since += 1
     flops_since += step_flops(seq_len)
@@ -228,7 +241,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
                     tflops_per_device=flops_since / dt / n_devices / 1e12)
       if peak:
         record["mfu"] = flops_since / dt / n_devices / peak
-      t_last, tokens_since, steps_since, flops_since = time.time(), 0.0, 0, 0.0
+      record["data_wait_s"] = data_wait_since / steps_since
+      tb.scalars(at_step, {"train/learning_rate": float(lr_at(at_step - 1)), "perf/step_time_s": step_time,
+                           "perf/tokens_per_s_per_device": record["tokens_per_s_per_device"],
+                           "perf/supervised_tokens_per_s": record["supervised_tokens_per_s"],
+                           "perf/tflops_per_device": record["tflops_per_device"], "perf/mfu": record.get("mfu"),
+                           "perf/data_wait_s": record["data_wait_s"]})
+      t_last, tokens_since, steps_since, flops_since, data_wait_since = time.time(), 0.0, 0, 0.0, 0.0
       mfu = f"{record['mfu']:.1%}" if peak else "n/a"
       line = (f"step {at_step:6d}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
               f"{step_time * 1000:.0f} ms/step  {record['tokens_per_s_per_device']:.0f} tok/s/device  "
@@ -238,12 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
         log.info(line)
       else:
         progress.write(line)
+    tb.scalars(at_step, {"train/loss": record["loss"], "train/grad_norm": record["grad_norm"]})
     if metrics_file:
       metrics_file.write(json.dumps(record) + "\n")
-    if tb_writer is not None:
-      for key, value in record.items():
-        if isinstance(value, int | float):
-          tb_writer.add_scalar(f"train/{key}", value, at_step)
     progress.set_postfix(loss=f"{record['loss']:.3f}")
 
   eval_curve: list[dict[str, Any]] = []
@@ -260,52 +276,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
       with open(workdir / "eval_curve.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
       log.info("step %d held-out: %s", at_step, format_scores(point["summary"]))
+    tb.scalars(at_step, eval_scalars(point["summary"]))
+    tb.flush()
     return record
 
   step = start_step
-  stopped_early = False
-  with jax.set_mesh(mesh):
-    while step < tc.steps:
-      if stage == "curriculum" and step >= curriculum_steps:
-        kept = batches if keep else None  # the first-stage stream goes on from where it is
-        stage, batches = "main", open_stream("main", None)
-        log.info("step %d: curriculum stage done, training on the main set%s", step,
-                 f" ({keep:.0%} of the steps still on the first-stage set)" if keep else "")
-      from_kept = kept is not None and reads_kept_set(step, keep)
-      batch = to_global(host_batch(next(kept if from_kept else batches), model_cfg), mesh)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      # Read the previous step's metrics so the host never waits on the step it just dispatched.
+  stopped_early = preempted = False
+  preemption.ckpt = ckpt
+  try:
+    with jax.set_mesh(mesh):
+      while step < tc.steps:
+        if stage == "curriculum" and step >= curriculum_steps:
+          kept = batches if keep else None  # the first-stage stream goes on from where it is
+          stage, batches = "main", open_stream("main", None)
+          log.info("step %d: curriculum stage done, training on the main set%s", step,
+                   f" ({keep:.0%} of the steps still on the first-stage set)" if keep else "")
+        from_kept = kept is not None and reads_kept_set(step, keep)
+        t_wait = time.time()
+        host = next(kept if from_kept else batches)
+        data_wait_since += time.time() - t_wait
+        batch = to_global(host_batch(host, model_cfg), mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        # Read the previous step's metrics so the host never waits on the step it just dispatched.
+        if pending is not None:
+          report(*pending)
+        pending = (step, metrics, "first" if stage == "curriculum" or from_kept else "main",
+                   stream_seq_len("curriculum" if stage == "curriculum" or from_kept else "main"))
+        progress.update(1)
+        out_of_time = tc.max_minutes > 0 and (time.time() - t_train) > tc.max_minutes * 60
+        preempted = preemption.reached(step)
+        if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time or preempted:
+          # This step's loss is checked before its state is saved: a NaN step never becomes a checkpoint.
+          report(*pending)
+          pending = None
+          data_position = {"stage": stage, "iterator": batches.get_state()}
+          if kept is not None:
+            data_position["kept_iterator"] = kept.get_state()
+          ckpt.save(step, state, data_state=data_position, meta=meta)
+        if preempted:
+          break
+        if out_of_time and step < tc.steps:
+          log.info("stopping at step %d: train.max_minutes=%.1f reached", step, tc.max_minutes)
+          stopped_early = True
+          break
+        if config.eval.every and step % config.eval.every == 0 and step < tc.steps:
+          t_eval = time.time()
+          eval_curve.append(evaluate_during_training(step))
+          # Held-out evaluation is not training time: neither max_minutes nor the step-time log count it.
+          spent = time.time() - t_eval
+          t_train, t_last = t_train + spent, t_last + spent
       if pending is not None:
         report(*pending)
-      pending = (step, metrics, "first" if stage == "curriculum" or from_kept else "main",
-                 stream_seq_len("curriculum" if stage == "curriculum" or from_kept else "main"))
-      progress.update(1)
-      out_of_time = tc.max_minutes > 0 and (time.time() - t_train) > tc.max_minutes * 60
-      if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time:
-        data_position = {"stage": stage, "iterator": batches.get_state()}
-        if kept is not None:
-          data_position["kept_iterator"] = kept.get_state()
-        ckpt.save(step, state, data_state=data_position, meta=meta)
-      if out_of_time and step < tc.steps:
-        log.info("stopping at step %d: train.max_minutes=%.1f reached", step, tc.max_minutes)
-        stopped_early = True
-        break
-      if config.eval.every and step % config.eval.every == 0 and step < tc.steps:
-        t_eval = time.time()
-        eval_curve.append(evaluate_during_training(step))
-        # Held-out evaluation is not training time: neither max_minutes nor the step-time log count it.
-        spent = time.time() - t_eval
-        t_train, t_last = t_train + spent, t_last + spent
-    if pending is not None:
-      report(*pending)
-  progress.close()
-  if metrics_file:
-    metrics_file.close()
-  if tb_writer is not None:
-    tb_writer.close()
-  ckpt.wait()
+  finally:
+    progress.close()
+    if metrics_file:
+      metrics_file.close()
+    tb.close()
+    ckpt.wait()  # an exception (a NaN loss) still finishes the checkpoint being written
   train_minutes = (time.time() - t_train) / 60
+  if preempted:
+    ckpt.close()
+    if is_main:
+      print(f"bird-jax: {preemption.signal_name} at step {step}: checkpoint saved in {ckpt.directory}; rerun the "
+            "same command to resume", flush=True)
+    return {"config": config_name, "workdir": str(workdir), "steps": step, "preempted": True}
 
   # ---- evaluation ----------------------------------------------------------------------------------
   results: dict[str, Any] = {}
@@ -328,6 +363,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary, results), flush=True)
   return summary
+
+
+class Preemption:
+  """SIGTERM (what spot TPUs, SLURM and Kubernetes send before killing a job) -> `reached(step)` turns True, so the
+  loop saves a checkpoint at that step, finishes the write and returns. One process: our own handler (the previous
+  one comes back in `restore`). Several: Orbax's preemption sync point, which JAX's distributed service raises on
+  every process at the same step, so all of them save the same step."""
+
+  def __init__(self) -> None:
+    self.ckpt, self.signal_name, self._got = None, "", False
+    self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook's worker thread): no handler, nothing to restore
+        pass
+
+  def _handle(self, signum, frame) -> None:
+    self._got, self.signal_name = True, signal.Signals(signum).name
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1 and not self._got and self.ckpt and self.ckpt.manager.reached_preemption(step):
+      self._got, self.signal_name = True, "preemption notice"
+    return self._got
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def make_train_dataset_or_exit(*args, **kwargs):
+  """make_train_dataset, with "no record fits data.seq_len" as a one-line config error."""
+  from bird_jax.data.pipeline import NoRecordFits, make_train_dataset
+
+  try:
+    return make_train_dataset(*args, **kwargs)
+  except NoRecordFits as e:
+    raise ConfigError(str(e)) from None
 
 
 def reads_kept_set(step: int, keep: float) -> bool:
@@ -376,7 +450,12 @@ def main(argv: list[str] | None = None) -> None:
     raise SystemExit(2)
   reuse_if_cpu()  # before the backend starts (bird_jax/host_memory.py)
   init_distributed()
-  train_and_evaluate(config, name)
+  try:
+    train_and_evaluate(config, name)
+  except FloatingPointError as e:  # a NaN/inf loss: the message names the step and the checkpoint kept
+    log.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.slow  # a phantom set, a TFDS build and two steps
 def test_trainer_writes_checkpoints_and_tensorboard_where_the_flags_say(tmp_path):
   pytest.importorskip("tensorboardX")
-  from tests.test_train_paths import TOY
+  from test_train_paths import TOY
 
   workdir, ckpt, tb = tmp_path / "work", tmp_path / "bucket" / "ckpt", tmp_path / "bucket" / "tb"
   toy = [a for a in TOY if not a.startswith(("--config.data.curriculum", "--config.train.steps"))]

@@ -46,10 +46,15 @@ def _bad_records(root: Path) -> list:
     {"id": "ct_00--Bad--h--z", "conversations": [[q.format("images/nope.png"), "a"]]},  # missing_image
     {"id": "ct_00--Bad--corrupt--z_0000",
      "conversations": [[q.format("images/ct_00--Bad--corrupt--z_0000.png"), "a"]]},  # unreadable_image
+    {"id": "ct_00--Bad--i--z",
+     "conversations": [[q.format("images/x.png"), "<ref>liver</ref><box>(abc,def),(ghi,jkl)</box>"]]},  # bad_box
+    {"id": "ct_00--Bad--j--z", "conversations": [[q.format("images/x.png"), "<box>(10,20),(1500,30)</box>"]]},
+    {"id": "ct_00--Bad--k--z",
+     "conversations": [[q.format("images/x.png") + " <box>(1,2),(3)</box>", "kidney"]]},  # bad_box (user turn)
   ]
 
 
-BAD_COUNTS = {"malformed": 6, "unsafe_path": 3, "missing_image": 1, "unreadable_image": 1}
+BAD_COUNTS = {"malformed": 6, "bad_box": 3, "unsafe_path": 3, "missing_image": 1, "unreadable_image": 1}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +81,12 @@ def test_generated_config_builds_skips_and_reads_back(folder, tmp_path, caplog):
   skip_lines = [r.getMessage() for r in caplog.records if "med_grit: skip train.json" in r.getMessage()]
   assert len(skip_lines) == sum(BAD_COUNTS.values()) and all("\n" not in m for m in skip_lines)
   assert any("../outside.png" in m and "inside the dataset folder" in m for m in skip_lines)
+  # each names the file, the record's index and id, and what is wrong
+  assert any(m.startswith("med_grit: skip train.json[") and "(id=ct_00--Bad--i--z)" in m
+             and "<box>(abc,def),(ghi,jkl)</box> is not (x1,y1),(x2,y2) with integers in [0, 1000)" in m
+             for m in skip_lines)
+  assert any("(id=ct_00--Bad--j--z)" in m and "(1500,30)" in m for m in skip_lines)
+  assert any("(id=ct_00--Bad--b--z)" in m and "is not a [user, assistant] pair" in m for m in skip_lines)
 
   train = tfds.data_source("med_grit/generated", split="train", data_dir=tmp_path, download=False)
   got = _by_id(train)
@@ -97,6 +108,22 @@ def test_generated_config_builds_skips_and_reads_back(folder, tmp_path, caplog):
   tasks = sorted(test[i]["task"].decode() for i in range(len(test)))
   assert tasks == sorted(list(TASKS) * 2)
   assert all(len(test[i]["conversations"]["user"]) == 1 for i in range(len(test)))
+
+
+def test_a_malformed_json_lines_record_is_one_line_naming_file_and_line(tmp_path):
+  from bird_jax.data.med_grit.records import UnreadableFile, read_records
+
+  good = json.dumps({"id": "ct_00--A--b--c", "conversations": [["q", "a"]]})
+  path = tmp_path / "train.jsonl"
+  path.write_text(f"{good}\n\n{good}\n{{\"id\": broken\n")
+  with pytest.raises(UnreadableFile) as e:
+    read_records(path)
+  assert str(e.value) == (f"{path}: cannot read records (line 4, record 2: Expecting value at column 8); "
+                          "fix or remove the file")
+  (tmp_path / "train.json").write_text('{"id": "x"}')
+  with pytest.raises(UnreadableFile, match=r"train.json: cannot read records \(expected a JSON list of records, "
+                                           r"got a dict\); fix or remove the file"):
+    read_records(tmp_path / "train.json")
 
 
 def test_official_config_layout(tmp_path):
@@ -159,7 +186,8 @@ def test_tfds_console_script_builds_without_tensorflow(folder, tmp_path):
          "--manual_dir", str(root)]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "skipped 11 of 17 records" in proc.stderr
+  n_bad = sum(BAD_COUNTS.values())
+  assert f"skipped {n_bad} of {n_bad + len(written['train'])} records" in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == "tensorflow imported: False"
   prepared = out / "med_grit" / "generated" / "1.0.0"
   assert sorted(p.name for p in prepared.glob("*.array_record*")) == [

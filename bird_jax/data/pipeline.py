@@ -107,6 +107,28 @@ def tokenize_record(record: Mapping[str, Any], tokenizer: Tokenizer, seq_len: in
   return (ids, mask), info
 
 
+class NoRecordFits(ValueError):
+  """Not one record's system block + first turn fits seq_len: training would drop records forever."""
+
+
+def check_some_record_fits(data_source: Any, tokenizer: Tokenizer, seq_len: int, system: str | None = DEFAULT_SYSTEM,
+                           loss_on: str = "assistant") -> None:
+  """Raises NoRecordFits (one line naming seq_len and the shortest first turn) unless a record fits. Stops at the
+  first record that does, which on any usable set is the first one, so this costs one tokenization."""
+  shortest: tuple[int, str] | None = None
+  for i in range(len(data_source)):
+    record = data_source[i]
+    fit, info = tokenize_record(record, tokenizer, seq_len, system, loss_on)
+    if fit is not None:
+      return
+    if shortest is None or info["first_len"] < shortest[0]:
+      shortest = (info["first_len"], as_text(record.get("id", b"?")))
+  if shortest is not None:
+    raise NoRecordFits(f"no record fits data.seq_len={seq_len}: the shortest first turn (system prompt included) "
+                       f"needs {shortest[0]} tokens (record {shortest[1]}); raise --config.data.seq_len to at least "
+                       f"{shortest[0]}")
+
+
 class TokenizeRecord(grain.transforms.Map):
   """TFDS record -> {"drop", "id", "ids", "mask", "image"}; records whose first turn cannot fit are marked
   (KeepFitting removes them), counted in STATS and logged (the first 20 by id, then every 1000th)."""
@@ -270,6 +292,7 @@ def make_train_dataset(data_source: Any, tokenizer: Tokenizer, *, seq_len: int, 
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   if len(data_source) == 0:
     raise ValueError("the data source is empty; build the dataset first (tfds build med_grit ...)")
+  check_some_record_fits(data_source, tokenizer, seq_len, system, loss_on)
   ds = grain.MapDataset.source(data_source).shuffle(seed=seed).repeat(num_epochs)
   ds = ds[shard_index::shard_count]
   ds = ds.map(TokenizeRecord(tokenizer, seq_len, system, loss_on)).filter(KeepFitting())

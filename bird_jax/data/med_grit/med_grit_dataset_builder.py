@@ -178,7 +178,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     for path, task in files:
       try:
         records = rec_lib.read_records(path)
-      except (OSError, ValueError) as e:
+      except rec_lib.UnreadableFile:
+        raise
+      except OSError as e:
         raise rec_lib.UnreadableFile(f"{path}: cannot read records ({e}); fix or remove the file") from e
       for i, raw in enumerate(records):
         total += 1

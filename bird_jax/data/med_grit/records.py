@@ -8,7 +8,10 @@ Two folder layouts:
   anywhere under the folder; `<img>` holds the authors' absolute path, so the image is found by basename
   `<id>.png` in the folder, its `images/` or `SAMed2D_v1/images/` (the name BiRD's loader uses).
 
-A bad record raises `BadRecord(reason)`; the builder counts it, logs one line and goes on.
+A bad record (not an object, turns that are not [user, assistant] string pairs, a `<box>` that is not four
+integers in [0, 1000), an unsafe or missing image) raises `BadRecord(reason)`; the builder counts it, logs one line
+naming the file, the record's index and id, and goes on. A file that is not JSON (or a JSON-lines line that is not)
+raises `UnreadableFile` naming the file and where.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ TASKS = ("VG", "RO", "GC", "MII")
 RECORD_TASKS = (*TASKS, "mixed")
 OFFICIAL_TEST_RE = re.compile(r"_test_chatlm_(VG|RO|GC|MII)_.*OneConv\.jsonl?$")
 IMG_SPAN_RE = re.compile(r"<img>(.*?)</img>", re.DOTALL)
+BOX_SPAN_RE = re.compile(r"<box>(.*?)</box>", re.DOTALL)
+BOX_RE = re.compile(r"^\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*$")
 _SAFE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 class BadRecord(ValueError):
   """A record that cannot be used; the message is the one-line reason, `kind` the counter key
-  (malformed, unsafe_path, missing_image, unreadable_image)."""
+  (malformed, bad_box, unsafe_path, missing_image, unreadable_image)."""
 
   def __init__(self, message: str, kind: str = "malformed") -> None:
     super().__init__(message)
@@ -52,13 +57,30 @@ def case_id_from_id(image_id: str) -> str:
 
 
 def read_records(path: Path) -> list[Any]:
-  """A JSON list, or JSON lines (`.jsonl`)."""
-  text = path.read_text(encoding="utf-8")
+  """A JSON list, or JSON lines (`.jsonl`). UnreadableFile (one line: the file, the line/record, the fix) if not."""
+  fix = "fix or remove the file"
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise UnreadableFile(f"{path}: cannot read records (not UTF-8 text: byte {e.start}); {fix}") from None
   if path.suffix == ".jsonl":
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-  data = json.loads(text)
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise UnreadableFile(f"{path}: cannot read records (line {n}, record {len(records)}: {e.msg} at column "
+                             f"{e.colno}); {fix}") from None
+    return records
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise UnreadableFile(f"{path}: cannot read records ({e}); {fix}") from None
   if not isinstance(data, list):
-    raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    raise UnreadableFile(f"{path}: cannot read records (expected a JSON list of records, got a "
+                         f"{type(data).__name__}); {fix}")
   return data
 
 
@@ -96,6 +118,18 @@ def _turn_pairs(conversations: Any) -> list[list[str]]:
   return pairs
 
 
+def check_boxes(pairs: list[list[str]]) -> None:
+  """Every `<box>` must be `(x1,y1),(x2,y2)` with integers in [0, 1000) (Qwen-VL's normalised corners): the
+  evaluation parses reference boxes, so one that is not four such integers would stop it later."""
+  for k, (user, assistant) in enumerate(pairs):
+    for who, text in (("user", user), ("assistant", assistant)):
+      for span in BOX_SPAN_RE.findall(text):
+        m = BOX_RE.match(span)
+        if not m or any(int(v) >= 1000 for v in m.groups()):
+          raise BadRecord(f"conversations[{k}] {who} box <box>{span[:60]}</box> is not (x1,y1),(x2,y2) with "
+                          "integers in [0, 1000)", "bad_box")
+
+
 def _inside(path: Path, root: Path) -> bool:
   try:
     path.resolve().relative_to(root.resolve())
@@ -121,6 +155,7 @@ def parse_record(rec: Any, *, root: Path, layout: str, default_task: str,
     raise BadRecord(f"id {image_id[:80]!r} is not a safe file stem (letters, digits, ._+- only)",
                       "unsafe_path")
   pairs = _turn_pairs(rec.get("conversations"))
+  check_boxes(pairs)
   spans = IMG_SPAN_RE.findall(pairs[0][0])
   if len(spans) != 1:
     raise BadRecord(f"first user turn has {len(spans)} <img>...</img> spans, expected 1")

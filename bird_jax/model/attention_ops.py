@@ -283,6 +283,18 @@ def _block_slice(x: Array, i, block: int) -> Array:
   return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=1)
 
 
+def _padded_blocks(q, k, v, segment_ids):
+  """What forward and backward share: block size and count, the padded length, the scale, q/k/v padded to whole
+  blocks, and a function giving query/key block i's segment ids (None without segments)."""
+  length, d = q.shape[1], q.shape[3]
+  block, n = _blocking(length)
+  padded = block * n
+  qp, kp, vp = (_pad_to(t, padded) for t in (q, k, v))
+  segp = None if segment_ids is None else _pad_to(segment_ids, padded)
+  seg_blk = lambda i: None if segp is None else jax.lax.dynamic_slice_in_dim(segp, i * block, block, axis=1)
+  return block, n, padded, 1.0 / np.sqrt(d).astype(np.float32), qp, kp, vp, seg_blk
+
+
 def _tile_scores(q_i, k_j, seg_i, seg_j, i, j, block: int, length: int, causal: bool, scale):
   """Masked float32 scores [B, H, bq, bk] of query block i against key block j, and the mask (None if none).
 
@@ -313,13 +325,8 @@ def _blocked_fwd(q, k, v, segment_ids, causal, dtype):
   """Flash-style forward: per query block an online softmax over its key blocks (those at or below the diagonal
   when causal); keeps only the output and the row log-sum-exp for backward."""
   b, length, h, d = q.shape
-  block, n = _blocking(length)
-  padded = block * n
-  scale = 1.0 / np.sqrt(d).astype(np.float32)
-  qp, kp, vp = (_pad_to(t, padded) for t in (q, k, v))
+  block, n, padded, scale, qp, kp, vp, seg_blk = _padded_blocks(q, k, v, segment_ids)
   vp = vp.astype(dtype)
-  segp = None if segment_ids is None else _pad_to(segment_ids, padded)
-  seg_blk = lambda i: None if segp is None else jax.lax.dynamic_slice_in_dim(segp, i * block, block, axis=1)
 
   def query_block(i, carry):
     out, lse = carry
@@ -356,13 +363,8 @@ def _blocked_bwd(causal, dtype, res, d_out):
   accumulated in float32 carries of [B, L, H, D], so no [L, L] array ever exists."""
   q, k, v, segment_ids, out, lse = res
   b, length, h, d = q.shape
-  block, n = _blocking(length)
-  padded = block * n
-  scale = 1.0 / np.sqrt(d).astype(np.float32)
-  qp, kp, vp = (_pad_to(t, padded) for t in (q, k, v))
+  block, n, padded, scale, qp, kp, vp, seg_blk = _padded_blocks(q, k, v, segment_ids)
   dop = _pad_to(d_out.astype(dtype), padded)
-  segp = None if segment_ids is None else _pad_to(segment_ids, padded)
-  seg_blk = lambda i: None if segp is None else jax.lax.dynamic_slice_in_dim(segp, i * block, block, axis=1)
   # delta_i = sum_d dO_i O_i: the softmax backward's row term, [B, H, L]
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   delta = jnp.pad(delta, ((0, 0), (0, 0), (0, padded - length)))

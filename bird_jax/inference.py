@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from bird_jax import eval as E
@@ -182,16 +183,20 @@ def format_comparison(results: dict[str, Any], baselines: dict[str, Any], baseli
   return "\n".join(lines)
 
 
-def load_checkpoint(config, checkpoint: str | Path):
+def load_checkpoint(config, checkpoint: str | Path, *, merge_lora: bool = True):
   """(model, params, tokenizer, prepared data, mesh, meta) from a training checkpoint: a run's `checkpoints/`
   folder (→ newest step) or one step folder inside it. The run's data/tokenizer are found (or rebuilt) from
-  config.workdir exactly as training did."""
+  config.workdir exactly as training did. A LoRA run's checkpoint holds the adapters and the resampler: they go
+  on the base it names (config.init_from, or the seed's random init) and, with `merge_lora`, are folded into it
+  (the model is then the plain Qwen-VL one)."""
+  import dataclasses
 
   from bird_jax import sharding as shd
   from bird_jax.checkpoint import Checkpointer
   from bird_jax.model import QwenVL
+  from bird_jax.model.lora import merge_adapters
   from bird_jax.prepare import prepare
-  from bird_jax.train_step import build_optimizer, create_state_shardings, model_config_from
+  from bird_jax.train_step import build_train_step, fresh_state, model_config_from
 
   path = Path(checkpoint).absolute()
   step = None
@@ -203,14 +208,23 @@ def load_checkpoint(config, checkpoint: str | Path):
   data = prepare(config, workdir, for_training=False)
   model_cfg = model_config_from(config, data.tokenizer)
   mesh = shd.make_mesh(config.mesh.shape)
-  _, _, abstract_state, shardings = create_state_shardings(
-    model_cfg, lambda p: build_optimizer(config.train, p, config.train.steps), mesh,
-    shd.rules_from_config(config.mesh.rules), config.seed)
-  target = shd.abstract_with_shardings(abstract_state, shardings)
+  parts = build_train_step(config, model_cfg, mesh)  # the state layout training wrote (the step is not compiled)
   ckpt = Checkpointer(path)
-  state, _, meta = ckpt.restore(target, step)
-  ckpt.close()
-  return QwenVL(model_cfg), state["params"], data.tokenizer, data, mesh, meta
+  with jax.set_mesh(mesh):
+    state, _, meta = ckpt.restore(parts.checkpoint_target(), step)
+    ckpt.close()
+    if parts.trained_only:
+      base = config.init_from or f"random init, seed {config.seed}"
+      if meta.get("base", base) != base:
+        raise ValueError(f"{path}: this LoRA checkpoint was trained on {meta['base']!r}, not {base!r}; pass the "
+                         "run's own --config.init_from (and --config.seed)")
+      state = parts.from_checkpoint(state, fresh_state(config.init_from, model_cfg, parts.tx, parts.init_state,
+                                                       parts.state_shardings))
+    params = state["params"]
+    if merge_lora and model_cfg.lora_rank:
+      params = merge_adapters(params, model_cfg)
+      model_cfg = dataclasses.replace(model_cfg, lora_rank=0)
+  return QwenVL(model_cfg), params, data.tokenizer, data, mesh, meta
 
 
 def evaluate_checkpoint(config, config_name: str, checkpoint: str | Path, *, split: str = "test",

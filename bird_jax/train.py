@@ -25,15 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 
 from bird_jax import sharding as shd
 from bird_jax.config_util import ConfigError, exit_on_config_error, parse_config_flags
 from bird_jax.flops import peak_flops, train_step_flops
 from bird_jax.host_memory import current_setting, reuse_if_cpu
-from bird_jax.train_step import build_train_step, host_batch, images_per_row, model_config_from, to_global
+from bird_jax.train_step import (
+  build_train_step,
+  fresh_state,
+  host_batch,
+  images_per_row,
+  lora_fields,
+  model_config_from,
+  prune,
+  to_global,
+  tree_bytes,
+)
 
 log = logging.getLogger("bird_jax")
 
@@ -48,18 +56,6 @@ def init_distributed() -> None:
     )
   elif os.environ.get("BIRD_DISTRIBUTED") == "auto":
     jax.distributed.initialize()
-
-
-def fresh_state(init_from: str, model_cfg, tx: optax.GradientTransformation, init_state, state_shardings):
-  """Step-0 state in its target shardings: the Hugging Face checkpoint's weights when `init_from` is set
-  (loaded tensor by tensor straight into the shardings, never random-initialised first), else random."""
-  if not init_from:
-    return jax.jit(init_state, out_shardings=state_shardings)()
-  from bird_jax.model.convert import load_params
-
-  params = load_params(init_from, model_cfg, shardings=state_shardings["params"])
-  return jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
-                 out_shardings=state_shardings, donate_argnums=(0,))(params)
 
 
 def _setup_logging(workdir: Path) -> None:
@@ -131,19 +127,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, config_name: str, pre
            dict(mesh.shape), jax.device_count(), jax.devices()[0].platform)
 
   from bird_jax.checkpoint import DamagedCheckpoint
+  from bird_jax.model.lora import lora_mask
 
   ckpt = Checkpointer(tc.get("checkpoint_dir") or workdir / "checkpoints", max_to_keep=tc.max_to_keep)
   meta = {"config": config_name, "mesh": list(mesh.devices.shape), "processes": jax.process_count(),
-          "scan_layers": model_cfg.scan_layers}
+          "scan_layers": model_cfg.scan_layers, "lora": lora_fields(config)}
+  if parts.trained_only:  # the checkpoint holds the trained params only: this is the base they go on
+    meta["base"] = config.init_from or f"random init, seed {config.seed}"
+    log.info("LoRA: %s trained params (adapters %s), optimizer state %.1f MiB; frozen base in %s",
+             f"{param_count(parts.to_checkpoint(abstract_state)['params']):,}",
+             f"{param_count(prune(abstract_state['params'], lora_mask(abstract_state['params']))):,}",
+             tree_bytes(abstract_state["opt_state"]) / 2**20, config.lora.base_dtype)
   data_state = None
   with jax.set_mesh(mesh):
     if ckpt.latest_step() is not None:
-      target = shd.abstract_with_shardings(abstract_state, state_shardings)
       try:  # the newest step that restores and verifies; damaged newer ones are set aside with one warning
-        state, data_state, _ = ckpt.restore(target, expect_meta={k: meta[k] for k in ("scan_layers",)},
+        state, data_state, _ = ckpt.restore(parts.checkpoint_target(),
+                                            expect_meta={k: meta[k] for k in ("scan_layers", "lora")},
                                             set_aside=True)
       except DamagedCheckpoint as e:
         raise ConfigError(str(e)) from None
+      if parts.trained_only:
+        state = parts.from_checkpoint(state, fresh_state(config.init_from, model_cfg, tx, init_state,
+                                                         state_shardings))
       log.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     else:
       state = fresh_state(config.init_from, model_cfg, tx, init_state, state_shardings)
@@ -313,7 +319,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, config_name: str, pre
           data_position = {"stage": stage, "iterator": batches.get_state()}
           if kept is not None:
             data_position["kept_iterator"] = kept.get_state()
-          ckpt.save(step, state, data_state=data_position, meta=meta)
+          ckpt.save(step, parts.to_checkpoint(state), data_state=data_position, meta=meta)
         if preempted:
           break
         if out_of_time and step < tc.steps:

@@ -38,11 +38,11 @@ def model_config_from(config: ml_collections.ConfigDict, tokenizer) -> Any:
   """The QwenVLConfig of this run; a demo tokenizer decides the vocab and the image token ids."""
   from bird_jax.model import QwenVLConfig
 
-  fields = config.model.to_dict()
+  fields = {**config.model.to_dict(), **lora_fields(config)}
   if config.init_from:
     hf = json.loads((Path(config.init_from) / "config.json").read_text())
     keep = {k: fields[k] for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "vision_remat_policy",
-                                   "attention_impl")}
+                                   "attention_impl", *lora_fields(config))}
     return QwenVLConfig.from_hf_config(hf, **keep)
   if not config.data.tokenizer:
     fields["vocab_size"] = max(fields["vocab_size"], tokenizer.vocab_size)
@@ -52,6 +52,19 @@ def model_config_from(config: ml_collections.ConfigDict, tokenizer) -> Any:
     raise ValueError(f"tokenizer (vocab {tokenizer.vocab_size}, <img> {tokenizer.special['img_start']}) does not "
                      f"fit the model (vocab {cfg.vocab_size}, image_start_id {cfg.image_start_id})")
   return cfg
+
+
+def lora_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """config.lora as QwenVLConfig fields (rank 0 = no adapters: the full fine-tuning of BiRD)."""
+  lora = config.get("lora")
+  if lora is None or not lora.rank:
+    return {"lora_rank": 0}
+  return {"lora_rank": int(lora.rank), "lora_alpha": float(lora.alpha), "lora_dropout": float(lora.dropout),
+          "lora_targets": tuple(lora.targets)}
+
+
+def uses_lora(config: ml_collections.ConfigDict) -> bool:
+  return bool(lora_fields(config)["lora_rank"])
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -73,10 +86,52 @@ def learning_rate(tc: ml_collections.ConfigDict, total_steps: int) -> optax.Sche
 
 
 def trainable_of(tc: ml_collections.ConfigDict, params: Any) -> Any:
-  """Bool pytree over `params`: which leaves the optimizer trains (config.train.train_vit/_resampler/_llm)."""
+  """Bool pytree over `params`: which leaves the optimizer trains (config.train.train_vit/_resampler/_llm).
+  A model with LoRA adapters trains them and keeps the decoder's base weights frozen."""
   from bird_jax.model import trainable_mask
+  from bird_jax.model.lora import lora_mask
 
-  return trainable_mask(params, train_vit=tc.train_vit, train_resampler=tc.train_resampler, train_llm=tc.train_llm)
+  has_adapters = any(jax.tree.leaves(lora_mask(params)))
+  return trainable_mask(params, train_vit=tc.train_vit, train_resampler=tc.train_resampler,
+                        train_llm=tc.train_llm and not has_adapters)
+
+
+def stored_dtypes(config: ml_collections.ConfigDict, params: Any) -> Any:
+  """The dtype each param is kept in: its own, except that with LoRA the frozen weights are stored in
+  config.lora.base_dtype (bf16 halves the 9.6B base; adapters and the resampler stay in the model's param_dtype
+  of float32, which the optimizer updates)."""
+  base = jnp.dtype(config.lora.base_dtype) if uses_lora(config) else None
+  return jax.tree.map(lambda t, p: p.dtype if (t or base is None) else base, trainable_of(config.train, params),
+                      params)
+
+
+def tree_bytes(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def prune(tree: Any, keep: Any) -> Any:
+  """The nested dict `tree` with only the leaves where `keep` is True (and no empty dicts)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      sub = prune(v, keep[k])
+      if sub:
+        out[k] = sub
+    elif keep[k]:
+      out[k] = v
+  return out
+
+
+def graft(tree: Any, part: Any) -> Any:
+  """`tree` with the leaves of `part` (a nested dict such as `prune` makes) put in place or added."""
+  if not isinstance(part, dict):
+    return part
+  out = dict(tree)
+  for k, v in part.items():
+    out[k] = graft(tree[k], v) if k in tree else v
+  return out
 
 
 def build_optimizer(tc: ml_collections.ConfigDict, params: Any, total_steps: int) -> optax.GradientTransformation:
@@ -180,12 +235,13 @@ def _fused_nll_bwd(chunk, residuals, g):
 _fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd)
 
 
-def token_nll(model: nn.Module, params: Any, batch: dict[str, jax.Array], loss_chunk: int = 0
-              ) -> tuple[jax.Array, jax.Array]:
+def token_nll(model: nn.Module, params: Any, batch: dict[str, jax.Array], loss_chunk: int = 0,
+              rngs: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token NLL over supervised tokens, number of supervised tokens), in float32.
-  loss_chunk > 0: the chunked loss (`chunked_token_nll`); 0: full `[B, L, V]` logits (the reference)."""
+  loss_chunk > 0: the chunked loss (`chunked_token_nll`); 0: full `[B, L, V]` logits (the reference).
+  rngs: {"dropout": key} turns the LoRA adapters' dropout on."""
   weights = batch["loss_mask"].astype(jnp.float32)
-  kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+  kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], rngs=rngs)
   if loss_chunk:
     hidden = model.apply({"params": params}, batch["input_ids"], batch["pixel_values"], return_hidden=True,
                          **kwargs)
@@ -210,15 +266,18 @@ def micro_batches(batch: dict[str, jax.Array], grad_accum: int) -> dict[str, jax
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, trainable: Any, grad_accum: int = 1,
-                    rules=shd.DEFAULT_RULES, loss_chunk: int = 0, param_shardings: Any = None):
+                    rules=shd.DEFAULT_RULES, loss_chunk: int = 0, param_shardings: Any = None, dropout_seed: int = 0):
   """One optimizer step (state, batch) -> (state, metrics). `trainable`: bool pytree over the params (frozen
   leaves are neither differentiated nor updated). With grad_accum > 1 the micro-batches are scanned in-step
   and their gradients summed, then divided by the supervised-token count of the whole batch, so the result
-  equals the big-batch gradient. `rules`: the logical-axis rules the model's activation constraints use."""
+  equals the big-batch gradient. `rules`: the logical-axis rules the model's activation constraints use.
+  LoRA dropout draws from a key that is a function of (dropout_seed, step, micro-batch): a resumed run
+  drops exactly what an unbroken one does."""
 
   compute = jnp.dtype(model.config.compute_dtype)
+  dropout = model.config.lora_rank > 0 and model.config.lora_dropout > 0
 
-  def loss(trained, frozen, mb):
+  def loss(trained, frozen, mb, key):
     params = merge_params(trainable, trained, frozen)
     if compute.itemsize == 2:
       # Every decoder weight is cast to the compute dtype where it is used (kernels, biases, RMSNorm scales,
@@ -226,7 +285,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, train
       # per-layer gradients of the scanned stack then come out of the scan in 16 bits and are widened once,
       # outside it, instead of as a second float32 copy of all decoder gradients per micro-batch.
       params = {**params, "llm": jax.tree.map(lambda x: x.astype(compute), params["llm"])}
-    return token_nll(model, params, mb, loss_chunk)
+    return token_nll(model, params, mb, loss_chunk, rngs={"dropout": key} if dropout else None)
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
 
@@ -239,18 +298,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, train
   def train_step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
     params = state["params"]
     trained, frozen = split_params(params, trainable)
+    step_key = jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
     with nn.logical_axis_rules(rules):
       if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(trained, frozen, batch)
+        (loss_sum, count), grads = grad_fn(trained, frozen, batch, step_key)
       else:
-        def body(carry, mb):
+        def body(carry, xs):
           g_acc, l_acc, n_acc = carry
-          (loss_mb, n), g = grad_fn(trained, frozen, mb)
+          k, mb = xs
+          (loss_mb, n), g = grad_fn(trained, frozen, mb, jax.random.fold_in(step_key, k))
           return (keep_sharded(jax.tree.map(jnp.add, g_acc, g)), l_acc + loss_mb, n_acc + n), None
 
         zeros = keep_sharded(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained))
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss_sum, count), _ = jax.lax.scan(body, init, micro_batches(batch, grad_accum))
+        (grads, loss_sum, count), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum),
+                                                                micro_batches(batch, grad_accum)))
     denom = jnp.maximum(count, 1.0)
     grads = keep_sharded(jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trained))
     # The optimizer sees the whole tree; the frozen leaves' zeros feed only set_to_zero, whose updates are
@@ -291,25 +353,47 @@ def _dict_keys(path) -> tuple[str, ...]:
   return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def create_state_shardings(model_cfg, tx_builder, mesh, rules, seed: int):
+def create_state_shardings(model_cfg, tx_builder, mesh, rules, seed: int, dtypes_of=None):
   """Shapes first: abstract boxed params → logical specs → NamedShardings; init jitted into those shardings.
+  `dtypes_of(params)`: the dtype each param is kept in (default: as initialised).
   Returns (tx, init_state, abstract_state, state_shardings)."""
   from bird_jax.model import init_params
 
   boxed = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(seed)))
   param_shardings = shd.logical_shardings(boxed, mesh, rules)
   abstract_params = nn.unbox(boxed)
+  dtypes = dtypes_of(abstract_params) if dtypes_of else jax.tree.map(lambda p: p.dtype, abstract_params)
+  abstract_params = jax.tree.map(lambda p, d: jax.ShapeDtypeStruct(p.shape, d), abstract_params, dtypes)
   tx = tx_builder(abstract_params)
   opt_shardings = optimizer_shardings(jax.eval_shape(tx.init, abstract_params), abstract_params, param_shardings,
                                       mesh)
   state_shardings = {"step": shd.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
 
   def init_state():
-    params = nn.unbox(init_params(model_cfg, jax.random.key(seed)))
+    params = jax.tree.map(lambda p, d: p.astype(d), nn.unbox(init_params(model_cfg, jax.random.key(seed))), dtypes)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   abstract_state = jax.eval_shape(init_state)
   return tx, init_state, abstract_state, state_shardings
+
+
+def fresh_state(init_from: str, model_cfg, tx: optax.GradientTransformation, init_state, state_shardings):
+  """Step-0 state in its target shardings: the Hugging Face checkpoint's weights when `init_from` is set
+  (loaded tensor by tensor straight into the shardings, never random-initialised first), else random."""
+  if not init_from:
+    return jax.jit(init_state, out_shardings=state_shardings)()
+  from bird_jax.model.convert import load_params
+  from bird_jax.model.lora import lora_mask
+
+  abstract = jax.eval_shape(init_state)["params"]
+  params = load_params(init_from, model_cfg, shardings=state_shardings["params"],
+                       dtypes=jax.tree.map(lambda a: a.dtype, abstract))
+  if model_cfg.lora_rank:  # adapters are not in a Qwen-VL checkpoint: theirs is the step-0 init (B = 0)
+    adapters = lora_mask(abstract)
+    params = graft(params, jax.jit(lambda: prune(init_state()["params"], adapters),
+                                   out_shardings=prune(state_shardings["params"], adapters))())
+  return jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
+                 out_shardings=state_shardings, donate_argnums=(0,))(params)
 
 
 def images_per_row(config: ml_collections.ConfigDict, n_queries: int, seq_len: int | None = None) -> int:
@@ -358,6 +442,28 @@ class TrainStep:
   abstract_state: Any
   state_shardings: Any
   step: Any  # jax.jit(train_step)
+  trainable: Any  # bool pytree over the params
+  # With LoRA a checkpoint holds the trained params and the optimizer state only: the frozen base is the
+  # `init_from` checkpoint (or the seed's random init) it was trained from, pointed to by its metadata.
+  trained_only: bool = False
+
+  def to_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint stores of `state`."""
+    if not self.trained_only:
+      return state
+    return {**state, "params": prune(state["params"], self.trainable)}
+
+  def checkpoint_target(self) -> dict[str, Any]:
+    """The abstract tree (with shardings) a checkpoint restores into."""
+    return shd.abstract_with_shardings(self.to_checkpoint(self.abstract_state),
+                                       self.to_checkpoint(self.state_shardings))
+
+  def from_checkpoint(self, restored: dict[str, Any], fresh: dict[str, Any] | None) -> dict[str, Any]:
+    """The full state from a restored checkpoint; `fresh` (the step-0 state: the base weights) fills in
+    what a trained-only checkpoint leaves out."""
+    if not self.trained_only:
+      return restored
+    return {**restored, "params": graft(fresh["params"], restored["params"])}
 
 
 def build_train_step(config: ml_collections.ConfigDict, model_cfg, mesh) -> TrainStep:
@@ -366,11 +472,14 @@ def build_train_step(config: ml_collections.ConfigDict, model_cfg, mesh) -> Trai
   tc = config.train
   rules = shd.rules_from_config(config.mesh.rules)
   tx, init_state, abstract_state, state_shardings = create_state_shardings(
-    model_cfg, lambda p: build_optimizer(tc, p, tc.steps), mesh, rules, config.seed)
+    model_cfg, lambda p: build_optimizer(tc, p, tc.steps), mesh, rules, config.seed,
+    dtypes_of=functools.partial(stored_dtypes, config))
   model = QwenVL(model_cfg)
-  fn = make_train_step(model, tx, trainable=trainable_of(tc, abstract_state["params"]), grad_accum=tc.grad_accum,
+  trainable = trainable_of(tc, abstract_state["params"])
+  fn = make_train_step(model, tx, trainable=trainable, grad_accum=tc.grad_accum,
                        rules=rules, loss_chunk=tc.get("loss_chunk", 0),
-                       param_shardings=state_shardings["params"])
+                       param_shardings=state_shardings["params"], dropout_seed=config.seed)
   # Batches arrive as global arrays already laid out by `to_global`; jit takes their sharding as given.
   step = jax.jit(fn, donate_argnums=(0,), in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
-  return TrainStep(model, tx, init_state, abstract_state, state_shardings, step)
+  return TrainStep(model, tx, init_state, abstract_state, state_shardings, step, trainable,
+                   trained_only=uses_lora(config))

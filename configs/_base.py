@@ -10,8 +10,10 @@ from bird_jax.model.config import QwenVLConfig
 
 
 def model_config(preset: QwenVLConfig) -> ml_collections.ConfigDict:
-  """All QwenVLConfig fields, so every one of them can be overridden with --config.model.FIELD=..."""
-  return ml_collections.ConfigDict(dataclasses.asdict(preset))
+  """All QwenVLConfig fields, so every one of them can be overridden with --config.model.FIELD=... (except the
+  LoRA ones: those come from --config.lora.*)."""
+  return ml_collections.ConfigDict({k: v for k, v in dataclasses.asdict(preset).items()
+                                    if not k.startswith("lora_")})
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -63,6 +65,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = model_config(QwenVLConfig.qwen_vl_chat_7b())
   c.init_from = ""  # a Hugging Face Qwen-VL(-Chat) checkpoint directory; "" -> random init
+
+  # LoRA (docs/lora.md): rank > 0 trains low-rank adapters on the decoder's projections instead of its weights;
+  # the resampler stays trained (train.train_resampler), the ViT and the decoder's base weights are frozen and
+  # kept in base_dtype; checkpoints then hold the adapters, the resampler and their optimizer state only.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.dropout = 0.05
+  # Modules of the HF Qwen-VL decoder layer (Qwen-VL's own finetune.py LoRA adapts c_attn, attn.c_proj, w1, w2).
+  c.lora.targets = ("c_attn", "attn.c_proj", "w1", "w2", "mlp.c_proj")
+  c.lora.base_dtype = "bfloat16"
 
   # Mesh axes (data, fsdp, tensor); exactly one -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict()

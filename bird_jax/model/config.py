@@ -23,6 +23,8 @@ REMAT_POLICIES = ("none", "full", "minimal", "dots", "dots_with_no_batch_dims")
 # Self-attention kernels (bird_jax.model.attention_ops): "auto" = splash on TPU, cuDNN on GPU (bf16), XLA else.
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 RESAMPLER_INITS = ("qwen", "local")
+# LoRA targets, named as their modules are in the Hugging Face Qwen-VL checkpoint (bird_jax.model.lora).
+LORA_TARGETS = ("c_attn", "attn.c_proj", "w1", "w2", "mlp.c_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,11 @@ class QwenVLConfig:
   # Training / prefill self-attention of the decoder and the ViT; decode steps always use the cache path.
   attention_impl: str = "auto"
   initializer_range: float = 0.02
+  # --- LoRA on the decoder's projections (bird_jax.model.lora); rank 0 = none ---
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
 
   def __post_init__(self) -> None:
     for name in ("remat_policy", "vision_remat_policy"):
@@ -100,6 +107,13 @@ class QwenVLConfig:
       raise ValueError(f"QwenVLConfig: n_queries {self.n_queries} must be a square (resampler grid)")
     if self.intermediate_size % 2:
       raise ValueError(f"QwenVLConfig: intermediate_size {self.intermediate_size} must be even")
+    if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"QwenVLConfig: lora_rank {self.lora_rank} must be >= 0 and lora_dropout "
+                       f"{self.lora_dropout} in [0, 1)")
+    unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+    if unknown or (self.lora_rank and not self.lora_targets):
+      raise ValueError(f"QwenVLConfig.lora_targets={tuple(self.lora_targets)}: use a non-empty subset of "
+                       f"{LORA_TARGETS}")
     jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # fail early on typos
 
   # ---- derived sizes ----

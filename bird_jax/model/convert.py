@@ -350,11 +350,14 @@ def load_params(
   shardings: Any = None,
   mesh: jax.sharding.Mesh | None = None,
   rules: Sequence[tuple[str, Any]] | None = None,
+  dtypes: Any = None,
 ) -> dict:
-  """Reads the checkpoint at `path` into a Flax param tree for `cfg` (plain jax arrays in cfg.param_dtype).
+  """Reads the checkpoint at `path` into a Flax param tree for `cfg` (plain jax arrays in cfg.param_dtype, or
+  per leaf in `dtypes`, a pytree of dtypes matching the param tree, e.g. a LoRA run's bf16 frozen base).
 
   shardings: pytree of jax.sharding.Sharding matching the param tree; or mesh (+ logical `rules`, e.g. the
   lead's sharding rules) to derive them from the model's logical axis names. Neither: default device.
+  The tree holds the checkpoint's tensors only: LoRA adapters (not in a Qwen-VL checkpoint) are left out.
   """
   if shardings is None and mesh is not None:
     shardings = _shardings_from_rules(cfg, mesh, rules)
@@ -393,8 +396,8 @@ def load_params(
     seen.add(name)
     for (fpath, fshape), value in zip(en.targets, en.split(np.asarray(arr)), strict=True):
       assert value.shape == fshape, (name, fpath, value.shape, fshape)
-      value = np.ascontiguousarray(value, dtype=dtype)
       real_path, layer, n = _scan_location(cfg, fpath)
+      value = np.ascontiguousarray(value, dtype=dtype if dtypes is None else _get(dtypes, real_path))
       if layer is None:
         place(real_path, value)
         continue

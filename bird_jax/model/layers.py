@@ -76,7 +76,7 @@ def stack_blocks(
     scanned = nn.scan(
       cls,
       variable_axes={"params": 0},
-      split_rngs={"params": True},
+      split_rngs={"params": True, "dropout": True},
       in_axes=in_axes,
       length=num,
       metadata_params={nn.PARTITION_NAME: layer_axis},

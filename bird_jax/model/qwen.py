@@ -39,6 +39,7 @@ from bird_jax.model.layers import (
   run_blocks,
   stack_blocks,
 )
+from bird_jax.model.lora import adapter
 
 Array = jax.Array
 # A layer's cache in the layouts decode attention reads without a transpose: k [B*H, D, S], v [B*H, S, D]
@@ -96,6 +97,10 @@ class QwenAttention(nn.Module):
     names = ("embed", "heads", "kv")
     proj = lambda n: dense_general((cfg.num_heads, cfg.head_dim), names, cfg, name=n)(x)
     q, k, v = proj("query"), proj("key"), proj("value")
+    qkv_lora = adapter(cfg, "c_attn", ("embed",), (3, cfg.num_heads, cfg.head_dim), (None, "heads", "kv"))
+    if qkv_lora is not None:
+      d = qkv_lora(x)
+      q, k, v = q + d[..., 0, :, :], k + d[..., 1, :, :], v + d[..., 2, :, :]
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     if logn is not None:  # inference-only query scaling beyond seq_length (Qwen v1); cached k/v unscaled
@@ -125,10 +130,10 @@ class QwenAttention(nn.Module):
         ck = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
         cv = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
       out = cache_attention(q, ck, cv, mask[:, None], cfg.compute_dtype)
-    out = dense_general(
-      cfg.hidden_size, ("heads", "kv", "embed"), cfg, axis=(-2, -1), use_bias=False, name="c_proj"
-    )(out)
-    return out, new_kv
+    y = dense_general(cfg.hidden_size, ("heads", "kv", "embed"), cfg, axis=(-2, -1), use_bias=False,
+                      name="c_proj")(out)
+    out_lora = adapter(cfg, "attn.c_proj", ("heads", "kv"), (cfg.hidden_size,), ("embed",))
+    return (y if out_lora is None else y + out_lora(out)), new_kv
 
 
 class QwenMLP(nn.Module):
@@ -137,10 +142,15 @@ class QwenMLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
-    up = dense_general(cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=False, name="w1")(x)
-    gate = dense_general(cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=False, name="w2")(x)
-    y = up * jax.nn.silu(gate)
-    return dense_general(cfg.hidden_size, ("mlp", "embed"), cfg, use_bias=False, name="c_proj")(y)
+
+    def project(target: str, name: str, h: Array, features: int, names: tuple[str, str]) -> Array:
+      y = dense_general(features, names, cfg, use_bias=False, name=name)(h)
+      lora = adapter(cfg, target, names[:1], (features,), names[1:])
+      return y if lora is None else y + lora(h)
+
+    up = project("w1", "w1", x, cfg.mlp_dim, ("embed", "mlp"))
+    gate = project("w2", "w2", x, cfg.mlp_dim, ("embed", "mlp"))
+    return project("mlp.c_proj", "c_proj", up * jax.nn.silu(gate), cfg.hidden_size, ("mlp", "embed"))
 
 
 class QwenBlock(nn.Module):

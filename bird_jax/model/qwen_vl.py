@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bird_jax.model.config import QwenVLConfig
+from bird_jax.model.lora import is_lora_path
 from bird_jax.model.qwen import QwenLM
 from bird_jax.model.vit import VisionTower
 
@@ -111,11 +112,14 @@ def trainable_mask(
   """Pytree of bools matching `params` (boxed or not) for optax.masked / multi_transform.
 
   Default = official Qwen-VL SFT / BiRD stage 2: ViT trunk, ln_post and proj frozen; attn_pool and the LLM
-  trained; attn_pool/pos_embed is never trained (a fixed sin-cos table in the original).
+  trained; attn_pool/pos_embed is never trained (a fixed sin-cos table in the original). LoRA adapters
+  (`*_lora` leaves, bird_jax.model.lora) are always trained; with them, pass train_llm=False to freeze the base.
   """
 
   def decide(path: tuple[Any, ...], _: Any) -> bool:
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if is_lora_path(keys):
+      return True
     if keys[:1] == ["llm"]:
       return train_llm
     if keys[:2] == ["visual", "attn_pool"]:

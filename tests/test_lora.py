@@ -224,7 +224,8 @@ def test_a_lora_run_checkpoints_trained_params_only_resumes_and_exports(tmp_path
   from test_train_faults import ROOT, TOY, env, losses
 
   lora = ["--config.lora.rank=4", "--config.lora.dropout=0.1", "--config.train.train_vit=false",
-          "--config.train.steps=4", "--config.train.checkpoint_every=2", "--config.train.schedule=constant", "--config.train.lr=1e-3"]
+          "--config.train.steps=4", "--config.train.checkpoint_every=2", "--config.train.schedule=constant",
+          "--config.train.lr=1e-3"]
   work = tmp_path / "run"
 
   def train(*extra):

@@ -42,6 +42,8 @@ class Slice:
   chip_config: str  # "megacore" or "default"
   devices: int
   hbm_bytes: float
+  # Slices smaller than one host (v4-2/4, v5p-2/4: one or two chips) need libtpu told the host's bounds.
+  host_bounds: tuple[int, ...] | None = None
 
 
 def parse_slice(name: str) -> Slice:
@@ -55,17 +57,19 @@ def parse_slice(name: str) -> Slice:
       raise ValueError(f"--topology={name}: v5e slices have {sorted(_V5E)} chips")
     return Slice(name, gen, f"v5e:{_V5E[n]}", "default", n, HBM_BYTES[gen])
   chips = n // 2
-  if n % 2 or chips not in _TORUS or chips < 4:
+  if n % 2 or chips not in _TORUS:
     raise ValueError(f"--topology={name}: {gen} slices count TensorCores, two per chip: "
-                     f"{', '.join(f'{gen}-{2 * c}' for c in sorted(_TORUS) if c >= 4)}")
+                     f"{', '.join(f'{gen}-{2 * c}' for c in sorted(_TORUS))}")
   prefix = "v4" if gen == "v4" else "v5"
-  return Slice(name, gen, f"{prefix}:{_TORUS[chips]}", "megacore", chips, HBM_BYTES[gen])
+  bounds = tuple(int(d) for d in _TORUS[chips].split("x")) if chips < 4 else None
+  return Slice(name, gen, f"{prefix}:{_TORUS[chips]}", "megacore", chips, HBM_BYTES[gen], bounds)
 
 
 def slice_devices(sl: Slice) -> list[Any]:
   from jax.experimental import topologies
 
-  topo = topologies.get_topology_desc(sl.topology, platform="tpu", chip_config_name=sl.chip_config)
+  extra = {"chips_per_host_bounds": sl.host_bounds} if sl.host_bounds else {}
+  topo = topologies.get_topology_desc(sl.topology, platform="tpu", chip_config_name=sl.chip_config, **extra)
   devices = list(topo.devices)
   if len(devices) != sl.devices:
     raise RuntimeError(f"libtpu gave {len(devices)} devices for {sl.topology} ({sl.chip_config}), "
@@ -123,11 +127,12 @@ def compile_step(config, sl: Slice, name: str = "") -> dict[str, Any]:
   from bird_jax import sharding as shd
   from bird_jax.flops import train_step_flops
   from bird_jax.model import QwenVLConfig
-  from bird_jax.train_step import abstract_batch, build_train_step, images_per_row, model_config_from
+  from bird_jax.train_step import abstract_batch, build_train_step, images_per_row, lora_fields, model_config_from
 
   devices = slice_devices(sl)
   mesh = shd.make_mesh(config.mesh.shape, devices)
-  model_cfg = model_config_from(config, None) if config.init_from else QwenVLConfig(**config.model.to_dict())
+  model_cfg = (model_config_from(config, None) if config.init_from
+               else QwenVLConfig(**config.model.to_dict(), **lora_fields(config)))
   tc = config.train
   warnings = []
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]

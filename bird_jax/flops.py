@@ -55,13 +55,20 @@ def _mult(trained: bool, needs_input_grad: bool) -> int:
 def train_step_flops(cfg, *, batch: int, seq_len: int, images_per_row: int, train_vit: bool = False,
                      train_resampler: bool = True, train_llm: bool = True, causal_half: bool = True) -> StepFlops:
   """FLOPs of one optimizer step over `batch` rows of `seq_len` tokens with `images_per_row` image slots each
-  (every slot runs through the vision tower, used or not). cfg: a QwenVLConfig."""
+  (every slot runs through the vision tower, used or not). cfg: a QwenVLConfig. With LoRA (cfg.lora_rank) the
+  decoder's base weights are frozen (its activations still need gradients) and the adapters train."""
   tokens = batch * seq_len
   e, hd = cfg.hidden_size, cfg.num_heads * cfg.head_dim
   # Decoder: q, k, v, o projections and the SwiGLU per layer; the LM head. The embedding is a gather.
   layer = 4 * e * hd + 3 * e * cfg.mlp_dim
+  train_llm = train_llm and not cfg.lora_rank
   llm_mult = _mult(train_llm, True)
   llm = 2 * tokens * (cfg.num_layers * layer + e * cfg.vocab_size) * llm_mult // 2
+  if cfg.lora_rank:  # A [in, r] and B [r, out] of each adapter, trained
+    sizes = {"c_attn": e + 3 * hd, "attn.c_proj": hd + e, "w1": e + cfg.mlp_dim, "w2": e + cfg.mlp_dim,
+             "mlp.c_proj": cfg.mlp_dim + e}
+    adapter = cfg.lora_rank * sum(sizes[t] for t in cfg.lora_targets)
+    llm += 2 * tokens * cfg.num_layers * adapter * _mult(True, True) // 2
   attn_fwd = 4 * batch * seq_len**2 * hd * cfg.num_layers * (0.5 if causal_half else 1.0)
   llm += attn_fwd * (3 if (train_llm or train_resampler or train_vit) else 1)
 

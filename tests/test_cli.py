@@ -22,7 +22,8 @@ def run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedP
 
 def test_every_config_loads_and_validates():
   names = available_configs()
-  assert {"cpu_demo", "cpu_crowded", "tpu_v4", "tpu_v5e", "tpu_v5p", "gpu_h100", "gpu_h200"} <= set(names)
+  assert {"cpu_demo", "cpu_crowded", "tpu_v4", "tpu_v5e", "tpu_v5p", "gpu_h100", "gpu_h200", "tpu_v5p_lora",
+          "gpu_lora"} <= set(names)
   from bird_jax.model import QwenVLConfig
 
   for name in names:

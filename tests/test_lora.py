@@ -110,6 +110,20 @@ def test_merged_adapters_equal_the_unmerged_forward(scan):
   np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), rtol=1e-5, atol=1e-5)
 
 
+def test_decoding_with_adapters_equals_decoding_with_them_merged():
+  """The in-training evaluation decodes with the adapters unmerged (KV cache path); export merges them."""
+  from bird_jax.generate import generate
+
+  cfg = QwenVLConfig.tiny(lora_rank=4)
+  params = with_random_adapters(nn.unbox(init_params(cfg, jax.random.key(0))), scale=0.3)
+  ids, px = (np.asarray(x) for x in inputs(cfg, batch=2, length=16))
+  unmerged = generate(QwenVL(cfg), params, ids, px, max_new_tokens=6)
+  merged = generate(QwenVL(dataclasses.replace(cfg, lora_rank=0)), merge_adapters(params, cfg), ids, px,
+                    max_new_tokens=6)
+  base = generate(QwenVL(dataclasses.replace(cfg, lora_rank=0)), without_adapters(params), ids, px, max_new_tokens=6)
+  assert unmerged == merged and unmerged != base
+
+
 def test_adapter_subset_and_bad_targets():
   cfg = QwenVLConfig.tiny(lora_rank=2, lora_targets=("c_attn", "w2"))
   params = nn.unbox(init_params(cfg, jax.random.key(0)))

@@ -25,8 +25,8 @@ DTYPES = {"keep": None, "float32": "float32", "bfloat16": "bfloat16"}
 
 def export_run(config, out: str | Path, *, checkpoint: str | Path | None = None, dtype: str = "keep") -> list[Path]:
   """Exports the newest (or the given) checkpoint of config.workdir's run to `out`; returns the weight files."""
-  from bird_jax.inference import load_checkpoint
   from bird_jax.model.convert import export_hf
+  from bird_jax.run_state import load_checkpoint
 
   out = Path(out)
   if out.exists() and any(out.iterdir()):

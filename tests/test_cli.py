@@ -194,8 +194,8 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   import jax
   import numpy as np
 
-  from bird_jax.inference import load_checkpoint
   from bird_jax.model.convert import load_pretrained
+  from bird_jax.run_state import load_checkpoint
   from bird_jax.tokenizer import load_tokenizer
 
   config, _, _ = parse_config_flags(small)

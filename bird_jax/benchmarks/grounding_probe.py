@@ -15,7 +15,7 @@
   named structure (IoU >= 0.5), hit another one instead, or hit none. Tells "cannot bind the name to a
   structure" (on another) from "cannot read a structure's box out at all" (on none).
 
-These are the diagnostics behind the README's "does the demo learn?" section.
+These are the diagnostics behind docs/demo_findings.md.
 """
 
 from __future__ import annotations

@@ -30,6 +30,18 @@ def template_conversation(f: T.ImageFacts, seed: int, record: int, max_turns: in
   return T.conversation(f, n, rng, task_weights)
 
 
+def test_conversation(f: T.ImageFacts, seed: int, task_index: int) -> list[list[str]]:
+  """The templated one-turn test record of task T.TASKS[task_index] for an image, from its own seeded stream."""
+  rng = np.random.default_rng(id_seed(seed, f.image_id, 1000 + task_index))
+  return T.one_turn(f, T.TASKS[task_index], rng)
+
+
+def count_turns(qa: dict[str, dict[str, Counter]], f: T.ImageFacts, turns: list[list[str]]) -> None:
+  """Adds a training record's turns to the manifest's per-turn task counts (qa["train"][task][modality])."""
+  for q, a in turns:
+    qa["train"][T.classify_turn(q, a)][f.modality] += 1
+
+
 def build_records(facts: list[T.ImageFacts], train_cases: set[str], test_cases: set[str], *, seed: int,
                   max_turns: int, records_per_image: int, task_weights: dict[str, float] | None = None
                   ) -> tuple[list[dict], dict[str, list[dict]], dict]:
@@ -42,12 +54,10 @@ def build_records(facts: list[T.ImageFacts], train_cases: set[str], test_cases: 
       for r in range(records_per_image):
         turns, kind = template_conversation(f, seed, r, max_turns, task_weights)
         train.append(T.record(f, turns, kind))
-        for q, a in turns:
-          qa["train"][T.classify_turn(q, a)][f.modality] += 1
+        count_turns(qa, f, turns)
     elif f.case_id in test_cases:
       for ti, task in enumerate(T.TASKS):
-        rng = np.random.default_rng(id_seed(seed, f.image_id, 1000 + ti))
-        test[task].append(T.record(f, T.one_turn(f, task, rng), task))
+        test[task].append(T.record(f, test_conversation(f, seed, ti), task))
         qa["test"][task][f.modality] += 1
   counts = {s: {t: dict(c) for t, c in d.items()} for s, d in qa.items()}
   return train, test, counts

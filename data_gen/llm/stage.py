@@ -34,7 +34,9 @@ from data_gen import tasks as T
 from data_gen.boxes import Box, parse_boxes
 from data_gen.llm import prompts, verify
 from data_gen.llm.client import LLMClient, LLMConfig, LLMError, LLMQualityError, redact
-from data_gen.templates import id_seed, template_conversation  # the template path's streams, on purpose
+
+# The template path's streams and conversations, on purpose: the same seed gives the same turn counts.
+from data_gen.templates import count_turns, id_seed, template_conversation, test_conversation
 
 log = logging.getLogger("data_gen.llm")
 
@@ -252,12 +254,10 @@ def llm_records(facts_list: list[T.ImageFacts], client: LLMClient | LLMConfig, *
           turns[0][0] = T.image_prefix(f.image_id) + turns[0][0]
           kind = _task_of(turns)
         train.append(T.record(f, turns, kind))
-        for q, a in turns:
-          qa["train"][T.classify_turn(q, a)][f.modality] += 1
+        count_turns(qa, f, turns)
     elif f.case_id in test_cases:
       for ti, task in enumerate(T.TASKS):
-        rng = np.random.default_rng(id_seed(seed, f.image_id, 1000 + ti))
-        conv = T.one_turn(f, task, rng)
+        conv = test_conversation(f, seed, ti)
         llm_text = None
         if task == "GC":
           box = parse_boxes(conv[0][0])[0]

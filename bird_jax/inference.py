@@ -1,7 +1,8 @@
 """Held-out evaluation of a model on the med_grit test split: prompts → batched greedy generation → the
 paper's metrics, next to the trivial baselines computed from the training split.
 
-Used at the end of `bird_jax.train` and by `python -m bird_jax.eval --config=… --checkpoint=…`.
+Used at the end of `bird_jax.train` and by `python -m bird_jax.eval --config=… --checkpoint=…`. Scoring is
+`bird_jax.scoring`'s and a checkpoint is restored by `bird_jax.run_state`; neither imports this module.
 """
 
 from __future__ import annotations

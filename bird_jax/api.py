@@ -378,7 +378,7 @@ def _load_hf(path: Path, dtype: str) -> BirdModel:
 
 def _load_training(config: Any, checkpoint: Path, dtype: str | None) -> BirdModel:
   from bird_jax import sharding as shd
-  from bird_jax.inference import load_checkpoint
+  from bird_jax.run_state import load_checkpoint
 
   ckpt = _checkpoint_folder(checkpoint.absolute())
   if not ckpt.is_dir():

@@ -17,7 +17,8 @@
 
 Each prints its shapes, library versions, a table with medians and per-pair ratios, and a summary line. Full
 runs (not --toy) are written to the results file: one entry per benchmark, replaced by its latest run, each
-with the command, machine, date and git commit, so the README table can say where every figure came from.
+with the command, machine, date and git commit, so the README and docs/benchmarks.md can say where every
+figure came from.
 """
 
 from __future__ import annotations

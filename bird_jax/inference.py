@@ -1,7 +1,8 @@
 """Held-out evaluation of a model on the med_grit test split: prompts → batched greedy generation → the
 paper's metrics, next to the trivial baselines computed from the training split.
 
-Used at the end of `bird_jax.train` and by `python -m bird_jax.eval --config=… --checkpoint=…`.
+Used at the end of `bird_jax.train` and by `python -m bird_jax.eval --config=… --checkpoint=…`. Scoring is
+`bird_jax.scoring`'s and a checkpoint is restored by `bird_jax.run_state`; neither imports this module.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
-from bird_jax import eval as E
 from bird_jax import metrics as M
+from bird_jax import scoring
 from bird_jax.data.image import preprocess_image
 from bird_jax.data.pipeline import as_text, as_turn_pairs, eval_examples, load_split
 from bird_jax.tokenizer import Tokenizer, chat_prompt_ids
@@ -100,7 +100,7 @@ def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config
   records_by_task: dict[str, list[dict[str, Any]]] = {}
   baseline_by_task: dict[str, list[dict[str, Any]]] = {}
   prior_by_task: dict[str, list[dict[str, Any]]] = {}
-  for task in config.eval.tasks:
+  for task in map(scoring.normalize_task, config.eval.tasks):
     examples = list(eval_examples(test_source, task))
     if limit:
       examples = examples[:limit]
@@ -121,18 +121,18 @@ def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config
       prior_by_task[task] = [dict(r, response=prior_answer(task, ex, prior))
                              for ex, r in zip(examples, records_by_task[task], strict=True)]
   out_dir.mkdir(parents=True, exist_ok=True)
-  results = {t: E.score_predictions(recs, t) for t, recs in records_by_task.items()}
-  baselines = {t: E.score_predictions(recs, t) for t, recs in baseline_by_task.items()}
-  priors = {t: E.score_predictions(recs, t) for t, recs in prior_by_task.items()}
+  results = {t: scoring.score_predictions(recs, t) for t, recs in records_by_task.items()}
+  baselines = {t: scoring.score_predictions(recs, t) for t, recs in baseline_by_task.items()}
+  priors = {t: scoring.score_predictions(recs, t) for t, recs in prior_by_task.items()}
   for task, recs in records_by_task.items():
-    E.write_predictions_jsonl(out_dir / f"predictions_{task}.jsonl", recs)
-  E.write_results(results, out_dir)
+    scoring.write_predictions_jsonl(out_dir / f"predictions_{task}.jsonl", recs)
+  scoring.write_results(results, out_dir)
   if baselines:
-    E.write_results(baselines, out_dir / "baseline")
+    scoring.write_results(baselines, out_dir / "baseline")
   if priors:
-    E.write_results(priors, out_dir / "baseline_class_prior")
+    scoring.write_results(priors, out_dir / "baseline_class_prior")
   if full_report:
-    log.info("official tables:\n%s", E.format_table(results))
+    log.info("official tables:\n%s", scoring.format_table(results))
     _write_gallery(records_by_task, test_source, out_dir)
   table = format_comparison(results, baselines, baseline_answers, priors)
   summary = {t: {"model": r["mean_nonempty"], "baseline": baselines.get(t, {}).get("mean_nonempty"),
@@ -149,7 +149,7 @@ def _write_gallery(records_by_task: dict[str, list[dict[str, Any]]], test_source
   images = {ex["id"]: ex["image"] for ex in eval_examples(test_source, "VG")}
   vg = records_by_task.get("VG", [])
   if vg:
-    write_gallery(E.per_sample_details(vg, "VG"), lambda rec: images.get(rec["id"]), out_dir / "gallery",
+    write_gallery(scoring.per_sample_details(vg, "VG"), lambda rec: images.get(rec["id"]), out_dir / "gallery",
                   max_samples=48)
 
 
@@ -183,55 +183,13 @@ def format_comparison(results: dict[str, Any], baselines: dict[str, Any], baseli
   return "\n".join(lines)
 
 
-def load_checkpoint(config, checkpoint: str | Path, *, merge_lora: bool = True):
-  """(model, params, tokenizer, prepared data, mesh, meta) from a training checkpoint: a run's `checkpoints/`
-  folder (→ newest step) or one step folder inside it. The run's data/tokenizer are found (or rebuilt) from
-  config.workdir exactly as training did. A LoRA run's checkpoint holds the adapters and the resampler: they go
-  on the base it names (config.init_from, or the seed's random init) and, with `merge_lora`, are folded into it
-  (the model is then the plain Qwen-VL one)."""
-  import dataclasses
-
-  from bird_jax import sharding as shd
-  from bird_jax.checkpoint import Checkpointer
-  from bird_jax.model import QwenVL
-  from bird_jax.model.lora import merge_adapters
-  from bird_jax.prepare import prepare
-  from bird_jax.train_step import build_train_step, fresh_state, model_config_from
-
-  path = Path(checkpoint).absolute()
-  step = None
-  if path.name.isdigit() and not (path / "checkpoints").exists():
-    path, step = path.parent, int(path.name)
-  if not path.is_dir():
-    raise FileNotFoundError(f"checkpoint folder {path} does not exist; pass <workdir>/checkpoints or a step in it")
-  workdir = Path(config.workdir).absolute()
-  data = prepare(config, workdir, for_training=False)
-  model_cfg = model_config_from(config, data.tokenizer)
-  mesh = shd.make_mesh(config.mesh.shape)
-  parts = build_train_step(config, model_cfg, mesh)  # the state layout training wrote (the step is not compiled)
-  ckpt = Checkpointer(path)
-  with jax.set_mesh(mesh):
-    state, _, meta = ckpt.restore(parts.checkpoint_target(), step)
-    ckpt.close()
-    if parts.trained_only:
-      base = config.init_from or f"random init, seed {config.seed}"
-      if meta.get("base", base) != base:
-        raise ValueError(f"{path}: this LoRA checkpoint was trained on {meta['base']!r}, not {base!r}; pass the "
-                         "run's own --config.init_from (and --config.seed)")
-      state = parts.from_checkpoint(state, fresh_state(config.init_from, model_cfg, parts.tx, parts.init_state,
-                                                       parts.state_shardings))
-    params = state["params"]
-    if merge_lora and model_cfg.lora_rank:
-      params = merge_adapters(params, model_cfg)
-      model_cfg = dataclasses.replace(model_cfg, lora_rank=0)
-  return QwenVL(model_cfg), params, data.tokenizer, data, mesh, meta
-
-
 def evaluate_checkpoint(config, config_name: str, checkpoint: str | Path, *, split: str = "test",
                         out_dir: Path | None = None) -> dict[str, Any]:
   """`python -m bird_jax.eval --config=… --checkpoint=…`: restore a training checkpoint and score
   config.eval.tasks on `split`."""
   import jax
+
+  from bird_jax.run_state import load_checkpoint
 
   model, params, tokenizer, data, mesh, meta = load_checkpoint(config, checkpoint)
   log.info("evaluating %s step %d (%s) on split %r", checkpoint, meta["step"], meta.get("config"), split)

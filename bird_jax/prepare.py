@@ -44,32 +44,64 @@ def raw_dir_for(config: ml_collections.ConfigDict, workdir: Path) -> Path:
                    "or --config.data.source=phantom")
 
 
+def phantom_config() -> ml_collections.ConfigDict:
+  """data.phantom: the options of the built-in phantom source (data.source="phantom"), set by the demo configs
+  only, so a real run's config never lists them. Every field maps to a data_gen flag of the same meaning."""
+  p = ml_collections.ConfigDict()
+  p.cases = 0  # 0 -> data_gen's default demo size
+  p.slices = 0  # slices per 3-D (ct/mr) phantom case; 0 -> data_gen's default (6)
+  p.image_size = 128
+  p.max_turns = 3
+  p.records_per_image = 1
+  p.balance_modalities = False  # True: as many X-ray images as CT/MR ones (more 1-slice cases)
+  p.layout = "random"  # "anatomical": each class around its own home (data_gen --layout)
+  p.texture = 0.0  # grey-level amplitude of the per-class stripe/checker textures (data_gen --texture)
+  p.palette = "grey"  # "hue": each class its own colour (data_gen --palette)
+  p.objects = ""  # "MIN,MAX" labelled structures per phantom image; "" -> data_gen's default (2,4)
+  p.size = ""  # "MIN,MAX" box side / image side of a structure; "" -> data_gen's default (0.12,0.45)
+  p.task_weights = ""  # e.g. "VG=0.45,RO=0.35,GC=0.1,MII=0.1"; "" -> data_gen's default mix
+  # The first data stage's own phantom set (data.curriculum.steps > 0 without curriculum.raw_dir): these
+  # three differ, everything else is the main set's.
+  p.curriculum = ml_collections.ConfigDict()
+  p.curriculum.objects = "1,1"
+  p.curriculum.task_weights = "VG=1"
+  p.curriculum.max_turns = 1
+  return p
+
+
+def _phantom(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.data.phantom, or its defaults for a config that names the phantom source without setting them."""
+  ph = config.data.get("phantom")
+  return ph if ph is not None else phantom_config()
+
+
 def _phantom_source(config: ml_collections.ConfigDict, *, seed: int, objects: str):
   from data_gen.sources.phantom import PhantomSource, parse_objects, parse_sizes
 
-  kwargs = {"image_size": config.data.phantom_image_size, "seed": seed}
-  if config.data.phantom_cases:
-    kwargs["num_cases"] = config.data.phantom_cases
-  if config.data.phantom_slices:
-    kwargs["slices_per_case"] = config.data.phantom_slices
+  ph = _phantom(config)
+  kwargs = {"image_size": ph.image_size, "seed": seed}
+  if ph.cases:
+    kwargs["num_cases"] = ph.cases
+  if ph.slices:
+    kwargs["slices_per_case"] = ph.slices
   if objects:
     kwargs["min_objects"], kwargs["max_objects"] = parse_objects(objects)
-  if config.data.phantom_size:
-    kwargs["min_frac"], kwargs["max_frac"] = parse_sizes(config.data.phantom_size)
-  if config.data.phantom_balance_modalities:
+  if ph.size:
+    kwargs["min_frac"], kwargs["max_frac"] = parse_sizes(ph.size)
+  if ph.balance_modalities:
     kwargs["balance_modalities"] = True
-  if config.data.phantom_texture:
-    kwargs["texture_amplitude"] = config.data.phantom_texture
-  if config.data.phantom_layout != "random":
-    kwargs["layout"] = config.data.phantom_layout
-  if config.data.phantom_palette != "grey":
-    kwargs["palette"] = config.data.phantom_palette
+  if ph.texture:
+    kwargs["texture_amplitude"] = ph.texture
+  if ph.layout != "random":
+    kwargs["layout"] = ph.layout
+  if ph.palette != "grey":
+    kwargs["palette"] = ph.palette
   try:
     return PhantomSource(**kwargs)
   except ValueError as e:  # an unknown layout / palette / object range: one line naming the config field
     from bird_jax.config_util import ConfigError
 
-    raise ConfigError(f"data.phantom_*: {e}") from None
+    raise ConfigError(f"data.phantom: {e}") from None
 
 
 def ensure_phantom_set(raw: Path, config: ml_collections.ConfigDict, *, seed: int, objects: str, max_turns: int,
@@ -85,7 +117,7 @@ def ensure_phantom_set(raw: Path, config: ml_collections.ConfigDict, *, seed: in
   source = _phantom_source(config, seed=seed, objects=objects)
   weights = parse_task_weights(task_weights) if task_weights else None
   want = {"source_params": source.params(), "seed": seed, "max_turns": max_turns,
-          "records_per_image": config.data.phantom_records_per_image}
+          "records_per_image": _phantom(config).records_per_image}
   if weights is not None:
     want["task_weights"] = dict(sorted(weights.items()))
   manifest_path = raw / "manifest.json"
@@ -101,7 +133,7 @@ def ensure_phantom_set(raw: Path, config: ml_collections.ConfigDict, *, seed: in
     return raw
   log.info("generating the phantom Med-GRIT set in %s", raw)
   manifest = generate_dataset(source, raw, seed=seed, max_turns=max_turns,
-                              records_per_image=config.data.phantom_records_per_image, task_weights=weights)
+                              records_per_image=_phantom(config).records_per_image, task_weights=weights)
   log.info("phantom set: %s", json.dumps(manifest.get("counts", {}).get("records", manifest.get("counts", {}))))
   return raw
 
@@ -109,8 +141,9 @@ def ensure_phantom_set(raw: Path, config: ml_collections.ConfigDict, *, seed: in
 def ensure_raw_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path:
   raw = raw_dir_for(config, workdir)
   if config.data.source == "phantom":
-    return ensure_phantom_set(raw, config, seed=config.seed, objects=config.data.phantom_objects,
-                              max_turns=config.data.phantom_max_turns, task_weights=config.data.phantom_task_weights)
+    ph = _phantom(config)
+    return ensure_phantom_set(raw, config, seed=config.seed, objects=ph.objects, max_turns=ph.max_turns,
+                              task_weights=ph.task_weights)
   if not raw.is_dir() or not any(raw.iterdir()):
     from bird_jax.config_util import ConfigError
 
@@ -137,8 +170,7 @@ def ensure_curriculum_dataset(config: ml_collections.ConfigDict, workdir: Path) 
     raise ConfigError(f"data.curriculum.steps={cur.steps} needs a first-stage folder when data.source is not "
                       "phantom: add --config.data.curriculum.raw_dir=DIR, or --config.data.curriculum.steps=0")
   return ensure_phantom_set(workdir / "data" / "med_grit_phantom_curriculum", config, seed=config.seed + 1,
-                            objects=cur.phantom_objects, max_turns=cur.phantom_max_turns,
-                            task_weights=cur.phantom_task_weights)
+                            **_phantom(config).curriculum.to_dict())
 
 
 def _read_json_records(path: Path) -> list:

@@ -3,9 +3,11 @@
   python -m bird_jax.train --config=cpu_demo
   python -m bird_jax.train --config=tpu_v4 --config.init_from=/ckpt/Qwen-VL-Chat --config.data.raw_dir=/data/med_grit
 
-Read top to bottom: config → data on disk (generate / tokenizer / `tfds build`) → mesh → shapes-first
-state placed straight into its target shardings (or restored from the newest checkpoint) → Grain
-iterator → train loop (logs, Orbax checkpoints) → held-out evaluation → summary.
+`_train_and_evaluate` reads top to bottom, one section of this file per step: config checks and data on disk
+(`prepare_data`: generate / tokenizer / `tfds build`) → mesh and the jitted step (`build_mesh_and_step`) → the
+state, shapes first, placed straight into its target shardings or restored from the newest checkpoint
+(`restore_or_init`) → the Grain streams of each data stage (`bird_jax.data_stages`) → the train loop with its
+logs, Orbax checkpoints and evaluations (`_TrainRun`) → held-out evaluation and summary (`evaluate_and_summarize`).
 
 Multi-host: set BIRD_COORDINATOR=host:port, BIRD_NUM_PROCESSES and BIRD_PROCESS_ID (or run on a TPU pod
 slice, where `jax.distributed.initialize()` finds its peers itself with BIRD_DISTRIBUTED=auto).
@@ -29,6 +31,7 @@ import ml_collections
 
 from bird_jax import sharding as shd
 from bird_jax.config_util import ConfigError, exit_on_config_error, parse_config_flags
+from bird_jax.data_stages import DataStages
 from bird_jax.flops import peak_flops, train_step_flops
 from bird_jax.host_memory import current_setting, reuse_if_cpu
 from bird_jax.train_step import (
@@ -81,25 +84,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, config_name: str) -> d
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, config_name: str, preemption: Preemption
                         ) -> dict[str, Any]:
-  from tqdm import tqdm
-
-  from bird_jax.checkpoint import Checkpointer
   from bird_jax.data.pipeline import load_split
-  from bird_jax.model import param_count
-  from bird_jax.prepare import prepare
 
+  _check_config(config)
+  workdir = Path(config.workdir).absolute()
+  _setup_logging(workdir)
+  t_start = time.time()
+  is_main = jax.process_index() == 0
+  data, model_cfg = prepare_data(config, workdir, is_main)
+  mesh, parts, n_params = build_mesh_and_step(config, model_cfg)
+  ckpt, meta, state, data_state = restore_or_init(config, config_name, model_cfg, mesh, parts, workdir)
+  train_source = load_split(data.tfds_dir, "train", config.data.builder_config)
+  stages = DataStages(config, data, model_cfg, train_source, config.train.batch_size // jax.process_count())
+  stages.start(int(state["step"]), data_state, config.train.steps)
+  run = _TrainRun(config, workdir, is_main, data, model_cfg, mesh, parts, ckpt, meta, stages, train_source)
+  state = run.loop(state, preemption)
+  if run.preempted:
+    ckpt.close()
+    if is_main:
+      print(f"bird-jax: {preemption.signal_name} at step {run.step}: checkpoint saved in {ckpt.directory}; rerun "
+            "the same command to resume", flush=True)
+    return {"config": config_name, "workdir": str(workdir), "steps": run.step, "preempted": True}
+  return evaluate_and_summarize(config, config_name, workdir, is_main, run, state, n_params, t_start)
+
+
+# ---- config and data on disk ---------------------------------------------------------------------------------
+def _check_config(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.data.curriculum.keep < 1.0:
     raise ConfigError(f"data.curriculum.keep={config.data.curriculum.keep}: use a fraction in [0, 1)")
   if "://" in config.workdir:
     raise ConfigError(f"workdir={config.workdir}: the workdir (logs, metrics, evaluation) is a local folder; put "
                       "checkpoints and TensorBoard on the bucket with --config.train.checkpoint_dir=gs://... and "
                       "--config.train.tensorboard_dir=gs://... (launch/tpu_vm.sh --bucket does)")
-  workdir = Path(config.workdir).absolute()
-  _setup_logging(workdir)
-  t_start = time.time()
-  is_main = jax.process_index() == 0
 
-  # ---- data on disk --------------------------------------------------------------------------------
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: Path, is_main: bool):
+  """(prepared data, model config): the Med-GRIT folder, tokenizer and TFDS build on disk, one writer."""
+  from bird_jax.prepare import prepare
+
   if jax.process_count() > 1:  # one writer; the others find everything in place after the barrier
     from jax.experimental import multihost_utils
 
@@ -110,8 +132,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, config_name: str, pre
   model_cfg = model_config_from(config, data.tokenizer)
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  return data, model_cfg
 
-  # ---- mesh and state ------------------------------------------------------------------------------
+
+# ---- mesh, step and state ------------------------------------------------------------------------------------
+def build_mesh_and_step(config: ml_collections.ConfigDict, model_cfg):
+  """(mesh, the jitted step's parts, parameter count)."""
+  from bird_jax.model import param_count
+
   log.info("host memory: %s", current_setting())
   mesh = shd.make_mesh(config.mesh.shape)
   tc = config.train
@@ -119,16 +147,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, config_name: str, pre
     raise ValueError(f"train.batch_size {tc.batch_size} must divide by processes×grad_accum "
                      f"({jax.process_count()}×{tc.grad_accum})")
   parts = build_train_step(config, model_cfg, mesh)
-  tx, init_state, abstract_state, state_shardings = parts.tx, parts.init_state, parts.abstract_state, \
-    parts.state_shardings
+  abstract_state = parts.abstract_state
   n_params = param_count(abstract_state["params"])
   log.info("model: %s params (visual %s, llm %s) on mesh %s over %d device(s) [%s]", f"{n_params:,}",
            f"{param_count(abstract_state['params']['visual']):,}", f"{param_count(abstract_state['params']['llm']):,}",
            dict(mesh.shape), jax.device_count(), jax.devices()[0].platform)
+  return mesh, parts, n_params
 
-  from bird_jax.checkpoint import DamagedCheckpoint
+
+def restore_or_init(config: ml_collections.ConfigDict, config_name: str, model_cfg, mesh, parts, workdir: Path):
+  """(checkpointer, checkpoint meta, state, data position): the newest checkpoint that restores and verifies,
+  else a fresh state (from config.init_from or random) placed straight into its shardings."""
+  from bird_jax.checkpoint import Checkpointer, DamagedCheckpoint
+  from bird_jax.model import param_count
   from bird_jax.model.lora import lora_mask
 
+  tc = config.train
+  tx, init_state, abstract_state, state_shardings = parts.tx, parts.init_state, parts.abstract_state, \
+    parts.state_shardings
   ckpt = Checkpointer(tc.get("checkpoint_dir") or workdir / "checkpoints", max_to_keep=tc.max_to_keep)
   meta = {"config": config_name, "mesh": list(mesh.devices.shape), "processes": jax.process_count(),
           "scan_layers": model_cfg.scan_layers, "lora": lora_fields(config)}
@@ -153,216 +189,183 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, config_name: str, pre
       log.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     else:
       state = fresh_state(config.init_from, model_cfg, tx, init_state, state_shardings)
-  start_step = int(state["step"])
+  return ckpt, meta, state, data_state
 
-  # ---- input ---------------------------------------------------------------------------------------
-  train_source = load_split(data.tfds_dir, "train", config.data.builder_config)
-  per_process = tc.batch_size // jax.process_count()
-  curriculum_steps = config.data.curriculum.steps if data.curriculum_tfds_dir else 0
 
-  def stream_seq_len(stage: str) -> int:
-    return (config.data.curriculum.seq_len or config.data.seq_len) if stage == "curriculum" else config.data.seq_len
+# ---- the train loop ------------------------------------------------------------------------------------------
+class _TrainRun:
+  """The loop and what it logs: per-step metrics (metrics.jsonl, TensorBoard, the log line), checkpoints,
+  preemption, max_minutes and the held-out evaluations of eval.every."""
 
-  def open_stream(stage: str, iterator_state: dict | None):
-    """Batches of one data stage ("curriculum" or "main"), resumed from `iterator_state` when given."""
-    source, seq_len = train_source, stream_seq_len(stage)
-    if stage == "curriculum":
-      source = load_split(data.curriculum_tfds_dir, "train", config.data.builder_config)
-    it = iter(make_train_dataset_or_exit(
-      source, data.tokenizer, seq_len=seq_len, image_size=model_cfg.image_size,
-      batch_size=per_process, seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
-      packing=config.data.packing, max_images_per_row=config.data.images_per_row or None,
-      worker_count=config.data.worker_count, loss_on=config.data.loss_on, system=config.data.system_prompt or None,
-    ))
-    if iterator_state:
-      it.set_state(iterator_state)
-    return it
+  def __init__(self, config, workdir: Path, is_main: bool, data, model_cfg, mesh, parts, ckpt, meta,
+               stages: DataStages, train_source) -> None:
+    from bird_jax.metric_writer import MetricWriter
+    from bird_jax.train_step import learning_rate
 
-  # Checkpoints store {"stage", "iterator"}; older ones hold the main stream's iterator state alone.
-  if data_state and "stage" not in data_state:
-    data_state = {"stage": "main", "iterator": data_state}
-  stage = "curriculum" if start_step < curriculum_steps else "main"
-  same_stage = bool(data_state) and data_state["stage"] == stage
-  batches = open_stream(stage, data_state["iterator"] if same_stage else None)
-  keep = config.data.curriculum.keep if curriculum_steps else 0.0
-  # The first-stage stream the main stage keeps reading from (data.curriculum.keep), with its own position.
-  kept = None
-  if keep and stage == "main":
-    # A checkpoint of the main stage holds the kept stream's position; one saved at the last first-stage step
-    # holds it as its own iterator: either way the first-stage stream goes on from there, as in an unbroken run.
-    kept_position = (data_state or {}).get("kept_iterator")
-    if kept_position is None and data_state and data_state["stage"] == "curriculum":
-      kept_position = data_state["iterator"]
-    kept = open_stream("curriculum", kept_position)
-  if curriculum_steps:
-    log.info("data stages: steps [0, %d) on %s, then %s", curriculum_steps, data.curriculum_tfds_dir, data.tfds_dir)
-    if curriculum_steps >= tc.steps:
-      log.warning("data.curriculum.steps=%d >= train.steps=%d: this run never reaches the main set",
-                  curriculum_steps, tc.steps)
+    self.config, self.workdir, self.is_main, self.data, self.model_cfg = config, workdir, is_main, data, model_cfg
+    self.mesh, self.ckpt, self.meta, self.stages, self.train_source = mesh, ckpt, meta, stages, train_source
+    self.parts, self.step_fn, self.model = parts, parts.step, parts.model
+    tc = config.train
+    self.history: list[dict[str, float]] = []
+    self.eval_curve: list[dict[str, Any]] = []
+    self.metrics_file = open(workdir / "metrics.jsonl", "a", buffering=1) if is_main else None
+    self.tb = MetricWriter(tc.get("tensorboard_dir") or workdir / "tensorboard", enabled=is_main)
+    self.lr_at = learning_rate(tc, tc.steps)
+    self.data_wait_since = 0.0  # seconds the host waited for input since the last logged step
+    self.n_devices = jax.device_count()
+    self.peak = peak_flops(jax.devices()[0].device_kind)
+    self.step = 0
+    self.stopped_early = self.preempted = False
+    self.train_minutes = 0.0
+    self.step_flops = functools.lru_cache(maxsize=4)(self._step_flops)
 
-  # ---- train loop ----------------------------------------------------------------------------------
-  from bird_jax.metric_writer import MetricWriter, eval_scalars
-  from bird_jax.train_step import learning_rate
-
-  step_fn, model = parts.step, parts.model
-  history: list[dict[str, float]] = []
-  metrics_file = open(workdir / "metrics.jsonl", "a", buffering=1) if is_main else None
-  tb = MetricWriter(tc.get("tensorboard_dir") or workdir / "tensorboard", enabled=is_main)
-  lr_at = learning_rate(tc, tc.steps)
-  data_wait_since = 0.0  # seconds the host waited for input since the last logged step
-  # A live bar on terminals; logs and CI get the step lines only.
-  progress = tqdm(total=tc.steps, initial=start_step, desc="train", dynamic_ncols=True,
-                  disable=not (is_main and sys.stderr.isatty()))
-  pending = None
-  t_train = time.time()
-  t_last, tokens_since, steps_since, flops_since = time.time(), 0.0, 0, 0.0
-
-  n_devices = jax.device_count()
-  peak = peak_flops(jax.devices()[0].device_kind)
-
-  @functools.lru_cache(maxsize=4)
-  def step_flops(seq_len: int) -> float:
+  def _step_flops(self, seq_len: int) -> float:
     """Model FLOPs of one optimizer step at this row length (the first stage may use another)."""
-    return train_step_flops(model_cfg, batch=tc.batch_size, seq_len=seq_len,
-                            images_per_row=images_per_row(config, model_cfg.n_queries, seq_len),
+    tc = self.config.train
+    return train_step_flops(self.model_cfg, batch=tc.batch_size, seq_len=seq_len,
+                            images_per_row=images_per_row(self.config, self.model_cfg.n_queries, seq_len),
                             train_vit=tc.train_vit, train_resampler=tc.train_resampler, train_llm=tc.train_llm).total
 
-  def report(at_step: int, device_metrics: dict[str, jax.Array], data_set: str, seq_len: int) -> None:
-    nonlocal t_last, tokens_since, steps_since, flops_since, data_wait_since
+  def report(self, at_step: int, device_metrics: dict[str, jax.Array], data_set: str, seq_len: int) -> None:
+    tc = self.config.train
     m = jax.device_get(device_metrics)
     if not math.isfinite(float(m["loss"])):
-      good = [s for s in ckpt.all_steps() if s < at_step]
+      good = [s for s in self.ckpt.all_steps() if s < at_step]
       raise FloatingPointError(f"loss became {m['loss']} at step {at_step}; stopped, the last good checkpoint is "
-                               f"step {good[-1] if good else 'none'} in {ckpt.directory}; lower --config.train.lr")
-    tokens_since += float(m["tokens"])
-    steps_since += 1
-    flops_since += step_flops(seq_len)
+                               f"step {good[-1] if good else 'none'} in {self.ckpt.directory}; lower "
+                               "--config.train.lr")
+    self.tokens_since += float(m["tokens"])
+    self.steps_since += 1
+    self.flops_since += self.step_flops(seq_len)
     record = {"step": at_step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "data": data_set}
-    history.append(record)
+    self.history.append(record)
     if at_step % tc.log_every == 0 or at_step == 1:
-      dt = max(time.time() - t_last, 1e-9)
-      step_time = dt / steps_since
-      record.update(step_time_s=step_time, supervised_tokens_per_s=tokens_since / dt,
+      dt = max(time.time() - self.t_last, 1e-9)
+      step_time = dt / self.steps_since
+      n_devices, peak = self.n_devices, self.peak
+      record.update(step_time_s=step_time, supervised_tokens_per_s=self.tokens_since / dt,
                     tokens_per_s_per_device=tc.batch_size * seq_len / step_time / n_devices,
-                    tflops_per_device=flops_since / dt / n_devices / 1e12)
+                    tflops_per_device=self.flops_since / dt / n_devices / 1e12)
       if peak:
-        record["mfu"] = flops_since / dt / n_devices / peak
-      record["data_wait_s"] = data_wait_since / steps_since
-      tb.scalars(at_step, {"train/learning_rate": float(lr_at(at_step - 1)), "perf/step_time_s": step_time,
-                           "perf/tokens_per_s_per_device": record["tokens_per_s_per_device"],
-                           "perf/supervised_tokens_per_s": record["supervised_tokens_per_s"],
-                           "perf/tflops_per_device": record["tflops_per_device"], "perf/mfu": record.get("mfu"),
-                           "perf/data_wait_s": record["data_wait_s"]})
-      t_last, tokens_since, steps_since, flops_since, data_wait_since = time.time(), 0.0, 0, 0.0, 0.0
+        record["mfu"] = self.flops_since / dt / n_devices / peak
+      record["data_wait_s"] = self.data_wait_since / self.steps_since
+      self.tb.scalars(at_step, {"train/learning_rate": float(self.lr_at(at_step - 1)), "perf/step_time_s": step_time,
+                                "perf/tokens_per_s_per_device": record["tokens_per_s_per_device"],
+                                "perf/supervised_tokens_per_s": record["supervised_tokens_per_s"],
+                                "perf/tflops_per_device": record["tflops_per_device"], "perf/mfu": record.get("mfu"),
+                                "perf/data_wait_s": record["data_wait_s"]})
+      self.t_last, self.tokens_since, self.steps_since, self.flops_since, self.data_wait_since = \
+        time.time(), 0.0, 0, 0.0, 0.0
       mfu = f"{record['mfu']:.1%}" if peak else "n/a"
       line = (f"step {at_step:6d}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
               f"{step_time * 1000:.0f} ms/step  {record['tokens_per_s_per_device']:.0f} tok/s/device  "
               f"{record['supervised_tokens_per_s']:.0f} target tok/s  "
               f"MFU {mfu}")
-      if progress.disable:
+      if self.progress.disable:
         log.info(line)
       else:
-        progress.write(line)
-    tb.scalars(at_step, {"train/loss": record["loss"], "train/grad_norm": record["grad_norm"]})
-    if metrics_file:
-      metrics_file.write(json.dumps(record) + "\n")
-    progress.set_postfix(loss=f"{record['loss']:.3f}")
+        self.progress.write(line)
+    self.tb.scalars(at_step, {"train/loss": record["loss"], "train/grad_norm": record["grad_norm"]})
+    if self.metrics_file:
+      self.metrics_file.write(json.dumps(record) + "\n")
+    self.progress.set_postfix(loss=f"{record['loss']:.3f}")
 
-  eval_curve: list[dict[str, Any]] = []
-
-  def evaluate_during_training(at_step: int) -> dict[str, Any]:
+  def evaluate_during_training(self, at_step: int, params) -> dict[str, Any]:
     """A quick held-out evaluation (eval.every_max_examples per task), appended to eval_curve.jsonl."""
     from bird_jax.inference import evaluate_on_test
+    from bird_jax.metric_writer import eval_scalars
 
-    point = evaluate_on_test(model, state["params"], data.tokenizer, data.tfds_dir, config, train_source,
+    config, workdir = self.config, self.workdir
+    point = evaluate_on_test(self.model, params, self.data.tokenizer, self.data.tfds_dir, config, self.train_source,
                              out_dir=workdir / "eval" / f"step_{at_step}",
                              max_examples=config.eval.every_max_examples, full_report=False)
     record = {"step": at_step, **{task: s["model"] for task, s in point["summary"].items()}}
-    if is_main:
+    if self.is_main:
       with open(workdir / "eval_curve.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
       log.info("step %d held-out: %s", at_step, format_scores(point["summary"]))
-    tb.scalars(at_step, eval_scalars(point["summary"]))
-    tb.flush()
+    self.tb.scalars(at_step, eval_scalars(point["summary"]))
+    self.tb.flush()
     return record
 
-  step = start_step
-  stopped_early = preempted = False
-  preemption.ckpt = ckpt
-  try:
-    with jax.set_mesh(mesh):
-      while step < tc.steps:
-        if stage == "curriculum" and step >= curriculum_steps:
-          kept = batches if keep else None  # the first-stage stream goes on from where it is
-          stage, batches = "main", open_stream("main", None)
-          log.info("step %d: curriculum stage done, training on the main set%s", step,
-                   f" ({keep:.0%} of the steps still on the first-stage set)" if keep else "")
-        from_kept = kept is not None and reads_kept_set(step, keep)
-        t_wait = time.time()
-        host = next(kept if from_kept else batches)
-        data_wait_since += time.time() - t_wait
-        batch = to_global(host_batch(host, model_cfg), mesh)
-        state, metrics = step_fn(state, batch)
-        step += 1
-        # Read the previous step's metrics so the host never waits on the step it just dispatched.
-        if pending is not None:
-          report(*pending)
-        pending = (step, metrics, "first" if stage == "curriculum" or from_kept else "main",
-                   stream_seq_len("curriculum" if stage == "curriculum" or from_kept else "main"))
-        progress.update(1)
-        out_of_time = tc.max_minutes > 0 and (time.time() - t_train) > tc.max_minutes * 60
-        preempted = preemption.reached(step)
-        if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time or preempted:
-          # This step's loss is checked before its state is saved: a NaN step never becomes a checkpoint.
-          report(*pending)
-          pending = None
-          data_position = {"stage": stage, "iterator": batches.get_state()}
-          if kept is not None:
-            data_position["kept_iterator"] = kept.get_state()
-          ckpt.save(step, parts.to_checkpoint(state), data_state=data_position, meta=meta)
-        if preempted:
-          break
-        if out_of_time and step < tc.steps:
-          log.info("stopping at step %d: train.max_minutes=%.1f reached", step, tc.max_minutes)
-          stopped_early = True
-          break
-        if config.eval.every and step % config.eval.every == 0 and step < tc.steps:
-          t_eval = time.time()
-          eval_curve.append(evaluate_during_training(step))
-          # Held-out evaluation is not training time: neither max_minutes nor the step-time log count it.
-          spent = time.time() - t_eval
-          t_train, t_last = t_train + spent, t_last + spent
-      if pending is not None:
-        report(*pending)
-  finally:
-    progress.close()
-    if metrics_file:
-      metrics_file.close()
-    tb.close()
-    ckpt.wait()  # an exception (a NaN loss) still finishes the checkpoint being written
-  train_minutes = (time.time() - t_train) / 60
-  if preempted:
-    ckpt.close()
-    if is_main:
-      print(f"bird-jax: {preemption.signal_name} at step {step}: checkpoint saved in {ckpt.directory}; rerun the "
-            "same command to resume", flush=True)
-    return {"config": config_name, "workdir": str(workdir), "steps": step, "preempted": True}
+  def loop(self, state, preemption: Preemption):
+    """Trains from the state's step to train.steps (or a stop); returns the last state."""
+    from tqdm import tqdm
 
-  # ---- evaluation ----------------------------------------------------------------------------------
+    config, tc, ckpt, stages, mesh = self.config, self.config.train, self.ckpt, self.stages, self.mesh
+    start_step = int(state["step"])
+    # A live bar on terminals; logs and CI get the step lines only.
+    self.progress = tqdm(total=tc.steps, initial=start_step, desc="train", dynamic_ncols=True,
+                         disable=not (self.is_main and sys.stderr.isatty()))
+    pending = None
+    t_train = time.time()
+    self.t_last, self.tokens_since, self.steps_since, self.flops_since = time.time(), 0.0, 0, 0.0
+    step = self.step = start_step
+    preemption.ckpt = ckpt
+    try:
+      with jax.set_mesh(mesh):
+        while step < tc.steps:
+          batches, data_set, seq_len = stages.for_step(step)
+          t_wait = time.time()
+          host = next(batches)
+          self.data_wait_since += time.time() - t_wait
+          batch = to_global(host_batch(host, self.model_cfg), mesh)
+          state, metrics = self.step_fn(state, batch)
+          step = self.step = step + 1
+          # Read the previous step's metrics so the host never waits on the step it just dispatched.
+          if pending is not None:
+            self.report(*pending)
+          pending = (step, metrics, data_set, seq_len)
+          self.progress.update(1)
+          out_of_time = tc.max_minutes > 0 and (time.time() - t_train) > tc.max_minutes * 60
+          self.preempted = preemption.reached(step)
+          if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time or self.preempted:
+            # This step's loss is checked before its state is saved: a NaN step never becomes a checkpoint.
+            self.report(*pending)
+            pending = None
+            ckpt.save(step, self.parts.to_checkpoint(state), data_state=stages.position(), meta=self.meta)
+          if self.preempted:
+            break
+          if out_of_time and step < tc.steps:
+            log.info("stopping at step %d: train.max_minutes=%.1f reached", step, tc.max_minutes)
+            self.stopped_early = True
+            break
+          if config.eval.every and step % config.eval.every == 0 and step < tc.steps:
+            t_eval = time.time()
+            self.eval_curve.append(self.evaluate_during_training(step, state["params"]))
+            # Held-out evaluation is not training time: neither max_minutes nor the step-time log count it.
+            spent = time.time() - t_eval
+            t_train, self.t_last = t_train + spent, self.t_last + spent
+        if pending is not None:
+          self.report(*pending)
+    finally:
+      self.progress.close()
+      if self.metrics_file:
+        self.metrics_file.close()
+      self.tb.close()
+      ckpt.wait()  # an exception (a NaN loss) still finishes the checkpoint being written
+    self.train_minutes = (time.time() - t_train) / 60
+    return state
+
+
+# ---- held-out evaluation and summary -------------------------------------------------------------------------
+def evaluate_and_summarize(config: ml_collections.ConfigDict, config_name: str, workdir: Path, is_main: bool,
+                           run: _TrainRun, state, n_params: int, t_start: float) -> dict[str, Any]:
   results: dict[str, Any] = {}
   if config.eval.at_end:
     from bird_jax.inference import evaluate_on_test
 
-    with jax.set_mesh(mesh):
-      results = evaluate_on_test(model, state["params"], data.tokenizer, data.tfds_dir, config, train_source,
-                                 out_dir=workdir / "eval")
-  ckpt.close()
+    with jax.set_mesh(run.mesh):
+      results = evaluate_on_test(run.model, state["params"], run.data.tokenizer, run.data.tfds_dir, config,
+                                 run.train_source, out_dir=workdir / "eval")
+  run.ckpt.close()
 
+  history, eval_curve = run.history, run.eval_curve
   summary = {
-    "config": config_name, "workdir": str(workdir), "steps": step, "stopped_early": stopped_early,
+    "config": config_name, "workdir": str(workdir), "steps": run.step, "stopped_early": run.stopped_early,
     "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
-    "train_minutes": round(train_minutes, 2), "total_minutes": round((time.time() - t_start) / 60, 2),
-    "params": n_params, "checkpoints": str(ckpt.directory), "eval": results.get("summary", {}),
+    "train_minutes": round(run.train_minutes, 2), "total_minutes": round((time.time() - t_start) / 60, 2),
+    "params": n_params, "checkpoints": str(run.ckpt.directory), "eval": results.get("summary", {}),
     **({"eval_curve": eval_curve} if eval_curve else {}),
   }
   if is_main:
@@ -398,22 +401,6 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
-
-
-def make_train_dataset_or_exit(*args, **kwargs):
-  """make_train_dataset, with "no record fits data.seq_len" as a one-line config error."""
-  from bird_jax.data.pipeline import NoRecordFits, make_train_dataset
-
-  try:
-    return make_train_dataset(*args, **kwargs)
-  except NoRecordFits as e:
-    raise ConfigError(str(e)) from None
-
-
-def reads_kept_set(step: int, keep: float) -> bool:
-  """Whether optimizer step `step` (0-based) of the main stage reads the first-stage set: a pure function of
-  the step, `keep` of the steps spread evenly (keep=0.25: every 4th step), so a resumed run picks the same."""
-  return math.floor((step + 1) * keep) > math.floor(step * keep)
 
 
 def format_scores(summary: dict[str, dict[str, Any]]) -> str:

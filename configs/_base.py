@@ -24,24 +24,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  # "phantom": generate the built-in synthetic Med-GRIT set under workdir if it is not there yet;
-  # "folder": an existing Med-GRIT folder (data_gen output or the official release) in data.raw_dir.
+  # "folder": an existing Med-GRIT folder (data_gen output or the official release) in data.raw_dir;
+  # "phantom": generate the built-in synthetic set under workdir (the demo configs; its options: data.phantom).
   c.data.source = "folder"
   c.data.raw_dir = ""
   c.data.builder_config = "generated"  # or "official" (released Med-GRIT file names)
   c.data.tfds_dir = ""  # default: <workdir>/tfds
-  c.data.phantom_cases = 0  # 0 -> data_gen's default demo size
-  c.data.phantom_slices = 0  # slices per 3-D (ct/mr) phantom case; 0 -> data_gen's default (6)
-  c.data.phantom_image_size = 128
-  c.data.phantom_max_turns = 3
-  c.data.phantom_records_per_image = 1
-  c.data.phantom_balance_modalities = False  # True: as many X-ray images as CT/MR ones (more 1-slice cases)
-  c.data.phantom_layout = "random"  # "anatomical": each class around its own home (data_gen --layout)
-  c.data.phantom_texture = 0.0  # grey-level amplitude of the per-class stripe/checker textures (data_gen --texture)
-  c.data.phantom_palette = "grey"  # "hue": each class its own colour (cpu_demo; data_gen --palette)
-  c.data.phantom_objects = ""  # "MIN,MAX" labelled structures per phantom image; "" -> data_gen's default (2,4)
-  c.data.phantom_size = ""  # "MIN,MAX" box side / image side of a structure; "" -> data_gen's default (0.12,0.45)
-  c.data.phantom_task_weights = ""  # e.g. "VG=0.45,RO=0.35,GC=0.1,MII=0.1"; "" -> data_gen's default mix
   c.data.tokenizer = ""  # a checkpoint dir with qwen.tiktoken, or a tokenizer.json; "" -> train a demo BPE
   c.data.tokenizer_vocab_size = 1024
   c.data.seq_len = 2048
@@ -51,13 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.worker_count = 0
   c.data.system_prompt = "You are a helpful assistant."  # "" -> no system turn
   # A first data stage: the first `steps` optimizer steps read this set instead (same model, optimizer and
-  # lr schedule), then training moves on to the main set. E.g. one-object grounding before crowded images.
+  # lr schedule), then training moves on to the main set: a warm-up set (e.g. single-object grounding before
+  # crowded images, or one modality before all), and with `keep` a share of it mixed in for the rest of the run.
   c.data.curriculum = ml_collections.ConfigDict()
   c.data.curriculum.steps = 0  # 0 -> no first stage
-  c.data.curriculum.raw_dir = ""  # a Med-GRIT folder; "" with data.source=phantom -> a phantom set of its own
-  c.data.curriculum.phantom_objects = "1,1"
-  c.data.curriculum.phantom_task_weights = "VG=1"
-  c.data.curriculum.phantom_max_turns = 1
+  c.data.curriculum.raw_dir = ""  # a Med-GRIT folder; "" with data.source=phantom -> data.phantom.curriculum
   c.data.curriculum.seq_len = 0  # 0 -> data.seq_len
   # After the first stage, this fraction of the steps (evenly spread) still reads the first-stage set, so what
   # it taught is not unlearned on the main set; 0 -> a clean switch.

@@ -1,5 +1,5 @@
 """The demo's harder set: 2-4 grey structures per image and all four tasks (the cpu_demo default until it
-was shown not to learn in CPU minutes; README, "Measured").
+was shown not to learn in CPU minutes; docs/demo_findings.md).
 
   python -m bird_jax.train --config=cpu_crowded
 
@@ -17,17 +17,16 @@ from configs import cpu_demo
 def get_config():
   c = cpu_demo.get_config()
   c.workdir = "runs/cpu_crowded"
-  c.data.phantom_objects = ""  # data_gen's default: 2-4
-  c.data.phantom_palette = "grey"
-  c.data.phantom_size = ""  # data_gen's default: 0.12-0.45 of the side
+  c.data.phantom.objects = ""  # data_gen's default: 2-4
+  c.data.phantom.palette = "grey"
+  c.data.phantom.size = ""  # data_gen's default: 0.12-0.45 of the side
   # Grounding-heavy training mix (the test files still hold every task): VG/RO turns carry the spatial signal.
-  c.data.phantom_task_weights = "VG=0.4,RO=0.4,GC=0.1,MII=0.1"
-  c.data.phantom_max_turns = 5
-  c.data.phantom_balance_modalities = False
+  c.data.phantom.task_weights = "VG=0.4,RO=0.4,GC=0.1,MII=0.1"
+  c.data.phantom.max_turns = 5
+  c.data.phantom.balance_modalities = False
   c.data.seq_len = 256
   # Curriculum: the first 600 steps ground one structure per image (VG only, short rows, ~2 of the 15
-  # minutes), so positions can be read out before the model must pick the named one of 2-4 structures
-  # (VG recall 0.043 vs 0.007 without it; see README).
+  # minutes), so positions can be read out before the model must pick the named one of 2-4 structures.
   c.data.curriculum.steps = 600
   c.data.curriculum.seq_len = 96
   c.model.n_queries = 16

@@ -8,14 +8,16 @@ Qwen-VL-architecture model from scratch (ViT + cross-attention resampler + Qwen 
 minutes and evaluates VG recall@0.5 / ROC accuracy on held-out cases against the mean-box / majority / class-
 prior baselines.
 
-The set is the one a 15-minute CPU run can learn (README, "Measured"): one structure per image, each class in a
-colour of its own, a box side of 0.25-0.5 of the image, VG and ROC turns only. The harder set — 2-4 grey
-structures per image, all four tasks — is `--config=cpu_crowded`, which this budget does not learn.
+The set is the one a 15-minute CPU run can learn: one structure per image, each class in a colour of its own,
+a box side of 0.25-0.5 of the image, VG and ROC turns only. The harder set — 2-4 grey structures per image, all
+four tasks — is `--config=cpu_crowded`, which this budget does not learn. Why each choice, with the runs that
+measured it: docs/demo_findings.md.
 """
 
 from __future__ import annotations
 
 from bird_jax.model.config import QwenVLConfig
+from bird_jax.prepare import phantom_config
 from configs import _base
 
 
@@ -23,21 +25,18 @@ def get_config():
   c = _base.get_config()
   c.workdir = "runs/cpu_demo"
   c.data.source = "phantom"
-  c.data.phantom_cases = 300
-  # One structure per image: VG then asks "where is it" and ROC "what is it"; picking the named one of several
-  # is cpu_crowded's (not learned in CPU minutes, README). Each class its own hue: a grey level is only a
-  # vector's length, which Qwen's LayerNorm removes, so grey classes are named 0.39 of the time after 3,800
-  # steps; in colour 0.97 after 1,000.
-  c.data.phantom_objects = "1,1"
-  c.data.phantom_palette = "hue"
-  # At 64 px and a 6 x 6 query grid a 0.12-side structure is under one query cell (Qwen-VL's 448 px and
-  # 16 x 16 queries give it two); boxes under 0.2 of the side are hit 0.16-0.33 of the time, above 0.3, 0.92.
-  c.data.phantom_size = "0.25,0.5"
-  # Half the turns ROC: naming from colour is what first makes the decoder read the image (with VG 0.75 it
-  # had not by step 3,000: VG 0.03, ROC 0.16).
-  c.data.phantom_task_weights = "VG=0.5,RO=0.5"
-  c.data.phantom_max_turns = 1
-  c.data.phantom_balance_modalities = True  # else X-ray is 240 of the 3,120 training images
+  c.data.phantom = phantom_config()
+  c.data.phantom.cases = 300
+  # One structure per image, so neither task needs binding a name to one of several; each class its own hue,
+  # because a grey level is only a vector's length, which the LayerNorm after the patch embedding removes.
+  c.data.phantom.objects = "1,1"
+  c.data.phantom.palette = "hue"
+  # At 64 px and a 6 x 6 query grid a structure narrower than 1/6 of the side fits inside one query cell.
+  c.data.phantom.size = "0.25,0.5"
+  # Half the turns ROC: naming from colour is what first makes the decoder read the image.
+  c.data.phantom.task_weights = "VG=0.5,RO=0.5"
+  c.data.phantom.max_turns = 1
+  c.data.phantom.balance_modalities = True  # else X-ray is 240 of the 3,120 training images
   c.data.seq_len = 96
   # A from-scratch model gains nothing from Qwen's system turn; dropping it saves ~25 tokens per row.
   c.data.system_prompt = ""
@@ -49,7 +48,7 @@ def get_config():
     vision_width=96, vision_layers=4, vision_heads=4, vision_mlp_ratio=4.0,
     patch_size=8, image_size=64, vision_pos_grid=8, n_queries=36, resampler_heads=4,
     # From scratch, Qwen's init makes the resampler a position-blind pooling; "local" starts each query on
-    # its own image cell (one object per image, VG only, 600 steps: recall 0.30 vs 0.04-0.09; see README).
+    # its own image cell.
     resampler_init="local",
   ))
   c.mesh.shape = (1, -1, 1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import hashlib
 import itertools
 import multiprocessing
 import os
@@ -23,7 +22,7 @@ import pickle
 import shutil
 import sys
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from data_gen import tasks as T
 from data_gen.boxes import label_to_name, mask_to_pixel_boxes, min_area_for
 from data_gen.sources.base import MODALITIES, Sample, SkipReport, is_safe_id, modality_from_id
 from data_gen.split import split_cases
+from data_gen.templates import build_records
 from data_gen.writer import (
   MANIFEST,
   TEST_FILES,
@@ -51,11 +51,6 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = "1.0"
 MIN_IMAGE_SIDE = 8
-
-
-def _id_seed(seed: int, image_id: str, stream: int) -> list[int]:
-  h = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little")
-  return [seed, h, stream]
 
 
 # ---- pass 1: one sample -------------------------------------------------------------------------------
@@ -401,38 +396,6 @@ def _pass1_parallel(source: Any, images_dir: Path, *, workers: int, limit: int |
     source.skips = src_report
   if loader is not None and isinstance(getattr(source, "stats", None), Counter):
     source.stats = src_stats
-
-
-def template_conversation(f: T.ImageFacts, seed: int, record: int, max_turns: int,
-                          task_weights: dict[str, float] | None = None) -> tuple[list[list[str]], str]:
-  """The templated training conversation number `record` of an image: 1..max_turns turns, its own seeded stream."""
-  rng = np.random.default_rng(_id_seed(seed, f.image_id, record))
-  n = int(rng.integers(1, max_turns + 1))
-  return T.conversation(f, n, rng, task_weights)
-
-
-# ---- pass 2: records ----------------------------------------------------------------------------------
-def build_records(facts: list[T.ImageFacts], train_cases: set[str], test_cases: set[str], *, seed: int,
-                  max_turns: int, records_per_image: int, task_weights: dict[str, float] | None = None
-                  ) -> tuple[list[dict], dict[str, list[dict]], dict]:
-  """-> (train records, {task: test records}, per-turn task counts {split: {task: {modality: n}}})."""
-  train: list[dict] = []
-  test: dict[str, list[dict]] = {t: [] for t in T.TASKS}
-  qa: dict[str, dict[str, Counter]] = {"train": defaultdict(Counter), "test": defaultdict(Counter)}
-  for f in facts:
-    if f.case_id in train_cases:
-      for r in range(records_per_image):
-        turns, kind = template_conversation(f, seed, r, max_turns, task_weights)
-        train.append(T.record(f, turns, kind))
-        for q, a in turns:
-          qa["train"][T.classify_turn(q, a)][f.modality] += 1
-    elif f.case_id in test_cases:
-      for ti, task in enumerate(T.TASKS):
-        rng = np.random.default_rng(_id_seed(seed, f.image_id, 1000 + ti))
-        test[task].append(T.record(f, T.one_turn(f, task, rng), task))
-        qa["test"][task][f.modality] += 1
-  counts = {s: {t: dict(c) for t, c in d.items()} for s, d in qa.items()}
-  return train, test, counts
 
 
 # ---- driver -------------------------------------------------------------------------------------------

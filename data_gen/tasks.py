@@ -260,13 +260,15 @@ def conversation(facts: ImageFacts, n_turns: int, rng: np.random.Generator,
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
-  """"VG=0.45,RO=0.35,GC=0.1,MII=0.1" -> weights; tasks left out get 0."""
+  """"VG=0.45,RO=0.35,GC=0.1,MII=0.1" -> weights (ROC is read as RO); tasks left out get 0."""
   weights: dict[str, float] = {}
   for part in filter(None, (p.strip() for p in text.split(","))):
     task, sep, value = part.partition("=")
-    if not sep or task.strip().upper() not in TASKS:
+    task = task.strip().upper()
+    task = "RO" if task == "ROC" else task  # the paper's name for RO
+    if not sep or task not in TASKS:
       raise ValueError(f"task weight {part!r}: use TASK=WEIGHT with TASK in {', '.join(TASKS)}")
-    weights[task.strip().upper()] = float(value)
+    weights[task] = float(value)
   if not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
     raise ValueError(f"task weights {text!r} must be non-negative with a positive sum")
   return weights

@@ -157,7 +157,7 @@ def test_training_checkpoint_loads_from_its_run_folder_or_config_name(tmp_path):
   """A 1-step cpu_demo run: load(run folder) uses its saved config.json; load(flags, checkpoints/) the named
   config. Both give the same model, prompts follow the run's (empty) system prompt, and ask answers."""
   work = tmp_path / "run"
-  flags = ["--config=cpu_demo", f"--config.workdir={work}", "--config.data.phantom_cases=8",
+  flags = ["--config=cpu_demo", f"--config.workdir={work}", "--config.data.phantom.cases=8",
            "--config.train.steps=1", "--config.train.checkpoint_every=1", "--config.eval.at_end=false",
            "--config.train.batch_size=8", "--config.model.num_layers=1", "--config.model.vision_layers=1",
            "--config.data.curriculum.steps=0"]

@@ -89,41 +89,41 @@ def test_a_phantom_set_made_with_other_settings_is_refused_not_reused(tmp_path):
   from bird_jax.prepare import ensure_curriculum_dataset, ensure_raw_dataset
 
   config = get_config("cpu_crowded")  # the set with a first stage
-  config.data.phantom_cases, config.data.phantom_slices = 2, 1
+  config.data.phantom.cases, config.data.phantom.slices = 2, 1
   raw = ensure_curriculum_dataset(config, tmp_path)
   made = (raw / "manifest.json").stat().st_mtime_ns
   assert ensure_curriculum_dataset(config, tmp_path) == raw  # same settings: reused as it is
   assert (raw / "manifest.json").stat().st_mtime_ns == made
-  config.data.curriculum.phantom_task_weights = "VG=1,RO=1"
+  config.data.phantom.curriculum.task_weights = "VG=1,RO=1"
   with pytest.raises(ConfigError, match=r"^\S+med_grit_phantom_curriculum holds a phantom set made with other "
                                         r"settings \(task_weights differ\); use a new --config.workdir"):
     ensure_curriculum_dataset(config, tmp_path)
   ensure_raw_dataset(config, tmp_path)
-  config.data.phantom_objects, config.data.phantom_slices = "1,2", 2
+  config.data.phantom.objects, config.data.phantom.slices = "1,2", 2
   with pytest.raises(ConfigError, match=r"\((slices_per_case|min_objects|max_objects)(, (slices_per_case|"
                                         r"min_objects|max_objects)){2} differ\)"):
     ensure_raw_dataset(config, tmp_path)
-  config.data.phantom_objects, config.data.phantom_slices = "", 0
-  config.data.phantom_layout, config.data.phantom_texture = "anatomical", 30.0
+  config.data.phantom.objects, config.data.phantom.slices = "", 0
+  config.data.phantom.layout, config.data.phantom.texture = "anatomical", 30.0
   with pytest.raises(ConfigError, match=r"[(,] ?layout, home_jitter, texture_amplitude differ\)"):
     ensure_raw_dataset(config, tmp_path)
-  config.data.phantom_layout, config.data.phantom_texture, config.data.phantom_palette = "random", 0.0, "hue"
+  config.data.phantom.layout, config.data.phantom.texture, config.data.phantom.palette = "random", 0.0, "hue"
   with pytest.raises(ConfigError, match=r"[(,] ?palette differ\)"):
     ensure_raw_dataset(config, tmp_path)
-  config.data.phantom_palette = "rainbow"
-  with pytest.raises(ConfigError, match=r"^data.phantom_\*: phantom palette 'rainbow' is unknown; use one of "
+  config.data.phantom.palette = "rainbow"
+  with pytest.raises(ConfigError, match=r"^data.phantom: phantom palette 'rainbow' is unknown; use one of "
                                         r"grey, hue$"):
     ensure_raw_dataset(config, tmp_path)
-  config.data.phantom_palette, config.data.phantom_size = "grey", "0.5,0.25"
-  with pytest.raises(ConfigError, match=r"^data.phantom_\*: structure size 0.5,0.25: need 0.02 <= MIN <= MAX"):
+  config.data.phantom.palette, config.data.phantom.size = "grey", "0.5,0.25"
+  with pytest.raises(ConfigError, match=r"^data.phantom: structure size 0.5,0.25: need 0.02 <= MIN <= MAX"):
     ensure_raw_dataset(config, tmp_path)
 
 
 @pytest.mark.slow
 def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   work = tmp_path / "demo"
-  small = ["--config=cpu_demo", f"--config.workdir={work}", "--config.data.phantom_cases=8",
-           "--config.data.phantom_slices=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+  small = ["--config=cpu_demo", f"--config.workdir={work}", "--config.data.phantom.cases=8",
+           "--config.data.phantom.slices=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
            "--config.eval.max_examples=6", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24",
            "--config.train.batch_size=8", "--config.data.curriculum.steps=2"]
   # Run from another directory: config names resolve from the installed package.
@@ -140,7 +140,7 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   assert (work / "tfds" / "med_grit" / "generated" / "1.0.0").is_dir()
   main_set = json.loads((work / "data" / "med_grit_phantom" / "manifest.json").read_text())["params"]
   assert main_set["source_params"]["slices_per_case"] == 2 and main_set["source_params"]["num_cases"] == 8
-  # the demo's set (README): one coloured structure per image, boxes 0.25-0.5 of the side, VG and ROC turns
+  # the demo's set (docs/demo_findings.md): one coloured structure per image, boxes 0.25-0.5 of the side, VG/ROC
   assert main_set["source_params"]["min_objects"] == main_set["source_params"]["max_objects"] == 1
   assert main_set["source_params"]["palette"] == "hue" and main_set["source_params"]["min_frac"] == 0.25
   assert main_set["task_weights"] == {"VG": 0.5, "RO": 0.5}
@@ -195,8 +195,8 @@ def test_demo_command_end_to_end_then_resume_then_eval(tmp_path):
   import jax
   import numpy as np
 
-  from bird_jax.inference import load_checkpoint
   from bird_jax.model.convert import load_pretrained
+  from bird_jax.run_state import load_checkpoint
   from bird_jax.tokenizer import load_tokenizer
 
   config, _, _ = parse_config_flags(small)

@@ -19,6 +19,11 @@ def test_parse_task_weights():
       parse_task_weights(bad)
 
 
+def test_roc_weight_is_the_ro_weight():
+  """ROC, the paper's name for the task, weighs RO."""
+  assert parse_task_weights("VG=0.5,ROC=0.5") == parse_task_weights("VG=0.5,RO=0.5") == {"VG": 0.5, "RO": 0.5}
+
+
 def turn_tasks(folder) -> Counter:
   records = json.loads((folder / "train.json").read_text())
   return Counter(classify_turn(q, a) for r in records for q, a in r["conversations"])

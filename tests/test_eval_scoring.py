@@ -91,6 +91,22 @@ def test_task_inference():
     E.split_by_task(recs[1:], None, "x.jsonl")
 
 
+def test_roc_is_read_as_ro(tmp_path):
+  """The paper and the official records call the task ROC: --task ROC, a `task` field ROC and a _ROC_ file
+  tag all mean RO."""
+  assert E.task_from_filename("test_ROC_pred.jsonl") == "RO"
+  assert E.normalize_task("roc") == "RO" and E.normalize_task("VG") == "VG"
+  recs = [dict(r, task="ROC") for r in RO_RECORDS]
+  assert list(E.split_by_task(recs, "ROC", "x.jsonl")) == ["RO"]
+  assert E.score_predictions(RO_RECORDS, "ROC") == E.score_predictions(RO_RECORDS, "RO")
+  assert E.build_parser().parse_args(["--task", "ROC"]).task == "RO"
+  preds = E.write_predictions_jsonl(tmp_path / "preds.jsonl", [{k: v for k, v in r.items() if k != "task"}
+                                                              for r in RO_RECORDS])
+  out = tmp_path / "scores"
+  assert E.main([f"--predictions={preds}", "--task", "ROC", f"--out={out}"]) == 0
+  assert list(json.loads((out / "metrics.json").read_text())["results"]) == ["RO"]
+
+
 def test_score_predictions_and_table_in_process():
   r = E.score_predictions(VG_RECORDS, "VG")
   per = r["per_modality"]

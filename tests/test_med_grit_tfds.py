@@ -166,6 +166,25 @@ def test_official_config_layout(tmp_path):
     sorted([(ids[0], "VG"), (ids[1], "MII")])
 
 
+def test_image_prefix_without_the_space_reads_as_with_it(tmp_path):
+  """`Picture 1: <img>` (BiRD's evaluation script, data_gen, the pipeline, the API) and `Picture 1:<img>` give the
+  same stored turn, in either layout."""
+  from bird_jax.data.med_grit.records import parse_record
+
+  image_id = "ct_00--AbdomenCT1K--Case_00220--x_0359"
+  (tmp_path / "images").mkdir()
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / f"{image_id}.png")
+  turn = "<img>{path}</img>\nWhere is the liver?"
+  answer = "<ref>liver</ref><box>(1,2),(30,40)</box>"
+  paths = {"official": f"/root/SAMed2D_v1/images/{image_id}.png", "generated": f"images/{image_id}.png"}
+  for layout, path in paths.items():
+    read = [parse_record({"id": image_id, "conversations": [[prefix + turn.format(path=path), answer]]},
+                         root=tmp_path, layout=layout, default_task="VG", image_dirs=[tmp_path / "images"])
+            for prefix in ("Picture 1: ", "Picture 1:")]
+    assert read[0]["conversations"] == read[1]["conversations"]
+    assert read[1]["conversations"][0][0] == f"Picture 1: <img>images/{image_id}.png</img>\nWhere is the liver?"
+
+
 def test_phantom_fallback_without_manual_dir(tmp_path):
   pytest.importorskip("data_gen.pipeline")
   cfg = MedGritConfig(name="phantom_tiny", layout="generated", phantom_num_cases=3, phantom_image_size=32)

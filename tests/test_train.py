@@ -273,7 +273,7 @@ def test_init_from_a_hugging_face_checkpoint_starts_from_its_weights(fixtures_di
 
 
 def test_kept_first_stage_steps_are_evenly_spread_and_a_function_of_the_step():
-  from bird_jax.train import reads_kept_set
+  from bird_jax.data_stages import reads_kept_set
 
   picks = [s for s in range(1000) if reads_kept_set(s, 0.25)]
   assert len(picks) == 250 and set(np.diff(picks)) == {4}

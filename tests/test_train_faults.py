@@ -21,8 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = [
-  "--config=cpu_demo", "--config.data.source=phantom", "--config.data.phantom_cases=4",
-  "--config.data.phantom_slices=1", "--config.data.worker_count=0", "--config.model.hidden_size=32",
+  "--config=cpu_demo", "--config.data.source=phantom", "--config.data.phantom.cases=4",
+  "--config.data.phantom.slices=1", "--config.data.worker_count=0", "--config.model.hidden_size=32",
   "--config.model.num_layers=1", "--config.model.num_heads=2", "--config.model.intermediate_size=64",
   "--config.model.vision_width=32", "--config.model.vision_layers=1", "--config.model.vision_heads=2",
   "--config.model.image_size=32", "--config.model.patch_size=8", "--config.model.vision_pos_grid=4",

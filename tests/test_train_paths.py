@@ -34,10 +34,10 @@ EVERY_EXAMPLES = 3  # eval.every_max_examples
 EXPECTED_DATA = ["first", "first", "main", "first", "main", "first"]
 
 TOY = [
-  "--config.data.phantom_cases=8", "--config.data.phantom_slices=2",
+  "--config.data.phantom.cases=8", "--config.data.phantom.slices=2",
   # classes around their own homes: the class prior then scores above 0 on this tiny test split (else its
   # check would compare zeros with zeros)
-  "--config.data.phantom_layout=anatomical", "--config.data.worker_count=0",
+  "--config.data.phantom.layout=anatomical", "--config.data.worker_count=0",
   "--config.model.hidden_size=64", "--config.model.num_layers=2", "--config.model.num_heads=2",
   "--config.model.intermediate_size=128", "--config.model.vision_width=32", "--config.model.vision_layers=1",
   "--config.model.vision_heads=2", "--config.model.image_size=32", "--config.model.patch_size=8",
@@ -287,7 +287,7 @@ def test_model_mode_eval_baselines_are_recomputed_from_the_training_file(ref, mo
   by_class: dict[str, list] = {}
   by_modality: dict[str, dict[str, list]] = {}
   for r in train_records:
-    (question, answer), = r["conversations"]  # one turn per record (phantom_max_turns=1)
+    (question, answer), = r["conversations"]  # one turn per record (data.phantom.max_turns=1)
     if r["task"] == "VG":
       name, box = REF.findall(answer)[0], int_boxes(answer)[0]
       all_vg_boxes += int_boxes(answer)

@@ -3,7 +3,8 @@ machine/version facts and the table printer.
 
 A benchmark module exposes `run(toy: bool = False) -> BenchResult`. `toy=True` is the smoke-test size (seconds,
 tiny shapes, asserted nowhere but that it runs and its fields are well formed); `toy=False` is the size whose
-figures go to the README. Each benchmark measures its own baseline in the same run and reports ratios.
+figures go to the README and docs/benchmarks.md. Each benchmark measures its own baseline in the same run and
+reports ratios.
 """
 
 from __future__ import annotations

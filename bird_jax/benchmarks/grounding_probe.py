@@ -15,7 +15,7 @@
   named structure (IoU >= 0.5), hit another one instead, or hit none. Tells "cannot bind the name to a
   structure" (on another) from "cannot read a structure's box out at all" (on none).
 
-These are the diagnostics behind the README's "does the demo learn?" section.
+These are the diagnostics behind docs/demo_findings.md.
 """
 
 from __future__ import annotations
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   from bird_jax.config_util import parse_config_flags
   from bird_jax.data.image import preprocess_image
   from bird_jax.data.pipeline import as_turn_pairs, eval_examples, load_split, make_train_dataset
-  from bird_jax.inference import load_checkpoint
   from bird_jax.model import encode_images
+  from bird_jax.run_state import load_checkpoint
   from bird_jax.train_step import token_nll
 
   config, _, rest = parse_config_flags(sys.argv[1:] if argv is None else argv)

@@ -91,14 +91,16 @@ TOY = Size(seq_len=256, image_size=64, image_queries=16, source_px=72, phantom_c
 
 def pipeline_config(size: Size) -> Any:
   """The tpu_v4 config (BiRD's recipe) with the phantom source and the demo tokenizer, at this size."""
+  from bird_jax.prepare import phantom_config
   from configs import tpu_v4
 
   c = tpu_v4.get_config()
   c.data.source = "phantom"
   c.data.builder_config = "generated"
   c.data.raw_dir = c.data.tfds_dir = c.data.tokenizer = ""  # under the work dir; "" tokenizer -> demo BPE
-  c.data.phantom_cases = size.phantom_cases
-  c.data.phantom_image_size = size.source_px
+  c.data.phantom = phantom_config()
+  c.data.phantom.cases = size.phantom_cases
+  c.data.phantom.image_size = size.source_px
   c.data.seq_len = size.seq_len
   c.data.curriculum.steps = 0
   c.model.image_size = size.image_size

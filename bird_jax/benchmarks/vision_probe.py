@@ -3,9 +3,9 @@
   python -m bird_jax.benchmarks.vision_probe --config=cpu_demo --config.workdir=RUN [--steps=600] [--method=tower]
 
 RUN holds a one-structure-per-image med_grit build (`RUN/tfds`), e.g. a `cpu_demo` run (coloured structures),
-or one with `--config.data.phantom_palette=grey` for grey ones (the README's table: `--config=cpu_crowded` with
-`--config.data.phantom_objects=1,1 --config.data.phantom_task_weights=VG=0.5,RO=0.5 --config.data.phantom_max_turns=1
---config.data.seq_len=96 --config.data.curriculum.steps=0 --config.data.phantom_balance_modalities=True`). The
+or one with `--config.data.phantom.palette=grey` for grey ones (docs/demo_findings.md: `--config=cpu_crowded` with
+`--config.data.phantom.objects=1,1 --config.data.phantom.task_weights=VG=0.5,RO=0.5 --config.data.phantom.max_turns=1
+--config.data.seq_len=96 --config.data.curriculum.steps=0 --config.data.phantom.balance_modalities=True`). The
 probe trains the config's vision tower from its random init (`--method=tower`: ViT + resampler + proj; `trunk`:
 the ViT alone), its tokens mean-pooled, with one zero-initialised linear layer on top, to name the lone
 structure of each training image (the class in its RO answer or VG `<ref>`), AdamW with warmup-cosine; it prints
@@ -14,7 +14,7 @@ histogram (the pixels, no learning of features). Records without a VG/RO turn, o
 structure, are skipped (counted).
 
 Why: the demo must both recognise structures and bind a name to one of them; this isolates the first half
-(the README's "local resampler init hides *what*" table was measured with it).
+(docs/demo_findings.md's "local resampler init hides *what*" table was measured with it).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def load_lone_structures(data_source: Any, image_size: int) -> tuple[np.ndarray,
     images.append(preprocess_image(decode_image(record["image"]), image_size))
     names.append(name)
   if not images:
-    raise ValueError("no one-structure records in the split: build the set with phantom_objects=1,1")
+    raise ValueError("no one-structure records in the split: build the set with data.phantom.objects=1,1")
   return np.stack(images), names, skipped
 
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     source = json.loads(manifest.read_text())["params"].get("source_params", {})
     if source.get("max_objects", 1) > 1:
       raise SystemExit(f"error: {manifest} is a set with up to {source['max_objects']} structures per image; "
-                       "the probe needs one (--config.data.phantom_objects=1,1)")
+                       "the probe needs one (--config.data.phantom.objects=1,1)")
   tfds_dir = f"{config.workdir}/tfds"
   train_x, train_names, skipped_train = load_lone_structures(load_split(tfds_dir, "train"), cfg.image_size)
   test_x, test_names, skipped_test = load_lone_structures(load_split(tfds_dir, "test"), cfg.image_size)

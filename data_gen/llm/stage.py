@@ -35,6 +35,9 @@ from data_gen.boxes import Box, parse_boxes
 from data_gen.llm import prompts, verify
 from data_gen.llm.client import LLMClient, LLMConfig, LLMError, LLMQualityError, redact
 
+# The template path's streams and conversations, on purpose: the same seed gives the same turn counts.
+from data_gen.templates import count_turns, id_seed, template_conversation, test_conversation
+
 log = logging.getLogger("data_gen.llm")
 
 
@@ -43,19 +46,13 @@ def llm_params(config: LLMConfig) -> dict[str, Any]:
   return {**config.params(), "prompt_version": prompts.PROMPT_VERSION}
 
 
-def _id_seed(seed: int, image_id: str, stream: int) -> list[int]:
-  from data_gen.pipeline import _id_seed as pipeline_id_seed  # the template path's streams, on purpose
-
-  return pipeline_id_seed(seed, image_id, stream)
-
-
 def _api_seed(seed: int, image_id: str, stage: str, variant: int) -> int:
   h = hashlib.sha256(f"{seed}\x00{image_id}\x00{stage}\x00{variant}".encode()).digest()
   return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 def _n_turns(seed: int, image_id: str, record: int, max_turns: int) -> int:
-  rng = np.random.default_rng(_id_seed(seed, image_id, record))
+  rng = np.random.default_rng(id_seed(seed, image_id, record))
   return int(rng.integers(1, max_turns + 1))
 
 
@@ -248,8 +245,6 @@ def llm_records(facts_list: list[T.ImageFacts], client: LLMClient | LLMConfig, *
       for r in range(records_per_image):
         turns = got["conversations"].get((f.image_id, r))
         if turns is None:
-          from data_gen.pipeline import template_conversation
-
           turns, kind = template_conversation(f, seed, r, max_turns)
           stats.fallback["train conversation"] += 1
           prov["train.json"].append("T")
@@ -259,12 +254,10 @@ def llm_records(facts_list: list[T.ImageFacts], client: LLMClient | LLMConfig, *
           turns[0][0] = T.image_prefix(f.image_id) + turns[0][0]
           kind = _task_of(turns)
         train.append(T.record(f, turns, kind))
-        for q, a in turns:
-          qa["train"][T.classify_turn(q, a)][f.modality] += 1
+        count_turns(qa, f, turns)
     elif f.case_id in test_cases:
       for ti, task in enumerate(T.TASKS):
-        rng = np.random.default_rng(_id_seed(seed, f.image_id, 1000 + ti))
-        conv = T.one_turn(f, task, rng)
+        conv = test_conversation(f, seed, ti)
         llm_text = None
         if task == "GC":
           box = parse_boxes(conv[0][0])[0]

@@ -26,6 +26,10 @@ TASKS = ("VG", "RO", "GC", "MII")
 RECORD_TASKS = (*TASKS, "mixed")
 OFFICIAL_TEST_RE = re.compile(r"_test_chatlm_(VG|RO|GC|MII)_.*OneConv\.jsonl?$")
 IMG_SPAN_RE = re.compile(r"<img>(.*?)</img>", re.DOTALL)
+# Qwen-VL's user-turn image prefix, `Picture 1: <img>P</img>\n` with a space, as BiRD's own evaluation script,
+# data_gen, the pipeline and the API write it (docs/evaluation.md); records that write `Picture 1:<img>` are
+# read as if they had the space, so both spellings give the same tokens.
+IMAGE_PREFIX_RE = re.compile(r"^Picture (\d+):[ \t]*<img>")
 BOX_SPAN_RE = re.compile(r"<box>(.*?)</box>", re.DOTALL)
 BOX_RE = re.compile(r"^\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*$")
 _SAFE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -130,6 +134,11 @@ def check_boxes(pairs: list[list[str]]) -> None:
                           "integers in [0, 1000)", "bad_box")
 
 
+def normalize_image_prefix(user: str) -> str:
+  """`Picture N:<img>` (no space) -> `Picture N: <img>`; any other text is returned as it is."""
+  return IMAGE_PREFIX_RE.sub(r"Picture \1: <img>", user, count=1)
+
+
 def _inside(path: Path, root: Path) -> bool:
   try:
     path.resolve().relative_to(root.resolve())
@@ -155,6 +164,7 @@ def parse_record(rec: Any, *, root: Path, layout: str, default_task: str,
     raise BadRecord(f"id {image_id[:80]!r} is not a safe file stem (letters, digits, ._+- only)",
                       "unsafe_path")
   pairs = _turn_pairs(rec.get("conversations"))
+  pairs[0][0] = normalize_image_prefix(pairs[0][0])
   check_boxes(pairs)
   spans = IMG_SPAN_RE.findall(pairs[0][0])
   if len(spans) != 1:

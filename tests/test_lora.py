@@ -271,8 +271,8 @@ def test_a_lora_run_checkpoints_trained_params_only_resumes_and_exports(tmp_path
   # export: merged Hugging Face weights give the LoRA model's logits; --peft writes the adapters alone
   from bird_jax.config_util import parse_config_flags
   from bird_jax.export import export_run
-  from bird_jax.run_state import load_checkpoint
   from bird_jax.model.convert import load_pretrained
+  from bird_jax.run_state import load_checkpoint
 
   config, _, _ = parse_config_flags([*TOY, *lora, f"--config.workdir={work}"])
   model, params, *_ = load_checkpoint(config, work / "checkpoints", merge_lora=False)

@@ -36,7 +36,7 @@ def export_run(config, out: str | Path, *, checkpoint: str | Path | None = None,
   """Exports the newest (or the given) checkpoint of config.workdir's run to `out`; returns the weight files.
   peft: a LoRA run's adapters alone, in the PEFT layout, instead of the merged weights."""
   from bird_jax.model.convert import export_hf
-  from bird_jax.model.lora import write_peft
+  from bird_jax.model.lora_export import write_peft
   from bird_jax.run_state import load_checkpoint
 
   out = Path(out)

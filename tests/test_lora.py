@@ -199,7 +199,7 @@ def test_peft_export_loads_with_peft_onto_the_original_model_with_the_same_logit
   from torch_qwen_original import OriginalQwenVL
 
   from bird_jax.model.convert import load_pretrained
-  from bird_jax.model.lora import write_peft
+  from bird_jax.model.lora_export import write_peft
 
   ckpt = FIXTURE / "checkpoint"
   base_cfg, base = load_pretrained(ckpt)

@@ -87,12 +87,13 @@ def generate_answers(model, params, tokenizer: Tokenizer, examples: Sequence[dic
 
 def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config, train_source: Any, *,
                      out_dir: Path, split: str = "test", max_examples: int | None = None,
-                     full_report: bool = True) -> dict[str, Any]:
+                     full_report: bool = True, box_images: int = 0) -> dict[str, Any]:
   """Scores config.eval.tasks on the held-out split; writes predictions/metrics under out_dir and returns
   {"results", "baselines", "table", "summary"}. MII gets config.eval.max_new_tokens_mii (the paper: 100).
 
   max_examples: per task, overriding config.eval.max_examples. full_report=False (the evaluations during
-  training) skips the logged official tables and the HTML gallery.
+  training) skips the logged official tables and the HTML gallery. box_images > 0: the result's "box_images"
+  holds that many VG samples drawn with their reference and predicted boxes, [(name, uint8 HxWx3)].
   """
   limit = config.eval.max_examples if max_examples is None else max_examples
   test_source = load_split(str(tfds_dir), split, config.data.builder_config)
@@ -138,7 +139,13 @@ def evaluate_on_test(model, params, tokenizer: Tokenizer, tfds_dir: Path, config
   summary = {t: {"model": r["mean_nonempty"], "baseline": baselines.get(t, {}).get("mean_nonempty"),
                  "class_prior": priors.get(t, {}).get("mean_nonempty")}
              for t, r in results.items()}
-  return {"results": results, "baselines": baselines, "class_prior": priors, "table": table, "summary": summary}
+  out = {"results": results, "baselines": baselines, "class_prior": priors, "table": table, "summary": summary}
+  if box_images and records_by_task.get("VG"):
+    from bird_jax.report import box_images as draw
+
+    images = {ex["id"]: ex["image"] for ex in eval_examples(test_source, "VG")}
+    out["box_images"] = draw(records_by_task["VG"], lambda rec: images.get(rec["id"]), box_images, task="VG")
+  return out
 
 
 def _write_gallery(records_by_task: dict[str, list[dict[str, Any]]], test_source: Any, out_dir: Path) -> None:

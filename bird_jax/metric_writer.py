@@ -64,14 +64,13 @@ def eval_scalars(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
   return out
 
 
-def read_events(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
-  """{tag: [(step, value), ...]} of the scalars, plus {tag: [(step, 0.0)]} for images and text, from the event
-  files under logdir (TFRecord framing parsed by hand, the protos from tensorboardX), for tests and scripts."""
+def _events(logdir: str | Path):
+  """Every Event of the event files under logdir (TFRecord framing parsed by hand, the protos from
+  tensorboardX), for tests and scripts."""
   import struct
 
   from tensorboardX.proto import event_pb2
 
-  out: dict[str, list[tuple[int, float]]] = {}
   for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
     data = path.read_bytes()
     pos = 0
@@ -79,8 +78,29 @@ def read_events(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
       (length,) = struct.unpack("<Q", data[pos:pos + 8])
       record = data[pos + 12:pos + 12 + length]
       pos += 12 + length + 4
-      event = event_pb2.Event.FromString(record)
-      for v in event.summary.value:
-        value = v.simple_value if v.HasField("simple_value") else 0.0
-        out.setdefault(v.tag, []).append((int(event.step), float(value)))
+      yield event_pb2.Event.FromString(record)
+
+
+def read_events(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} of the scalars, plus {tag: [(step, 0.0)]} for images and text."""
+  out: dict[str, list[tuple[int, float]]] = {}
+  for event in _events(logdir):
+    for v in event.summary.value:
+      value = v.simple_value if v.HasField("simple_value") else 0.0
+      out.setdefault(v.tag, []).append((int(event.step), float(value)))
+  return out
+
+
+def read_images(logdir: str | Path) -> dict[str, list[tuple[int, np.ndarray]]]:
+  """{tag: [(step, uint8 HxWx3), ...]} of the images."""
+  import io
+
+  from PIL import Image
+
+  out: dict[str, list[tuple[int, np.ndarray]]] = {}
+  for event in _events(logdir):
+    for v in event.summary.value:
+      if v.HasField("image"):
+        image = np.asarray(Image.open(io.BytesIO(v.image.encoded_image_string)).convert("RGB"))
+        out.setdefault(v.tag, []).append((int(event.step), image))
   return out

@@ -119,6 +119,21 @@ def _spread(records: Sequence[Mapping[str, Any]], max_samples: int, task: str | 
   return out
 
 
+def box_images(records: Sequence[Mapping[str, Any]], image_loader: Callable[[Mapping[str, Any]], ImageLike | None],
+               max_samples: int, *, task: str | None = None, size: int = 256) -> list[tuple[str, np.ndarray]]:
+  """(image name, uint8 HxWx3) of up to max_samples records spread over tasks and modalities, reference boxes in
+  green and predicted in red (what TensorBoard shows beside the scores)."""
+  out = []
+  for rec in _spread(records, max_samples, task):
+    src = image_loader(rec)
+    if src is None:
+      continue
+    ref, pred, _ = _sample_boxes(rec, _task_of(rec, task))
+    im = draw_boxes(src, ref, pred, min_size=size)
+    out.append((os.path.basename(str(rec.get("image") or rec.get("id"))), np.asarray(im.convert("RGB"), np.uint8)))
+  return out
+
+
 def write_modality_chart(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
   """Grouped bars: per-modality score of each task (VG recall, RO accuracy, GC/MII CIDEr). None if empty."""
   # Drawn on a bare Figure (Agg canvas), not through pyplot: no global backend switch in the caller's process

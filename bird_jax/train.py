@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from bird_jax import sharding as shd
 from bird_jax.config_util import ConfigError, exit_on_config_error, parse_config_flags
@@ -212,6 +213,7 @@ class _TrainRun:
     self.tb = MetricWriter(tc.get("tensorboard_dir") or workdir / "tensorboard", enabled=is_main)
     self.lr_at = learning_rate(tc, tc.steps)
     self.data_wait_since = 0.0  # seconds the host waited for input since the last logged step
+    self.clock_used = (tc.max_minutes > 0, tc.checkpoint_minutes > 0)
     self.n_devices = jax.device_count()
     self.peak = peak_flops(jax.devices()[0].device_kind)
     self.step = 0
@@ -278,8 +280,13 @@ class _TrainRun:
     config, workdir = self.config, self.workdir
     point = evaluate_on_test(self.model, params, self.data.tokenizer, self.data.tfds_dir, config, self.train_source,
                              out_dir=workdir / "eval" / f"step_{at_step}",
-                             max_examples=config.eval.every_max_examples, full_report=False)
+                             max_examples=config.eval.every_max_examples, full_report=False,
+                             box_images=config.eval.get("tensorboard_images", 0))
     record = {"step": at_step, **{task: s["model"] for task, s in point["summary"].items()}}
+    for i, (name, image) in enumerate(point.get("box_images", [])):
+      # one tag per slot: TensorBoard's step slider then shows how the same sample's boxes move between evaluations
+      self.tb.image(at_step, f"eval_boxes/VG_{i}", image)
+      self.tb.text(at_step, f"eval_boxes/VG_{i}_image", name)
     if self.is_main:
       with open(workdir / "eval_curve.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -287,6 +294,11 @@ class _TrainRun:
     self.tb.scalars(at_step, eval_scalars(point["summary"]))
     self.tb.flush()
     return record
+
+  def agreed(self, step: int, *clock_flags: bool) -> tuple[bool, ...]:
+    if not any(self.clock_used):
+      return clock_flags
+    return agree_on_clock(step, self.config.train.log_every, *clock_flags)
 
   def loop(self, state, preemption: Preemption):
     """Trains from the state's step to train.steps (or a stop); returns the last state."""
@@ -301,6 +313,7 @@ class _TrainRun:
     t_train = time.time()
     self.t_last, self.tokens_since, self.steps_since, self.flops_since = time.time(), 0.0, 0, 0.0
     step = self.step = start_step
+    last_save = time.time()  # train.checkpoint_minutes counts from the start (or the resumed checkpoint)
     preemption.ckpt = ckpt
     try:
       with jax.set_mesh(mesh):
@@ -318,12 +331,15 @@ class _TrainRun:
           pending = (step, metrics, data_set, seq_len)
           self.progress.update(1)
           out_of_time = tc.max_minutes > 0 and (time.time() - t_train) > tc.max_minutes * 60
+          save_due = tc.checkpoint_minutes > 0 and time.time() - last_save > tc.checkpoint_minutes * 60
+          out_of_time, save_due = self.agreed(step, out_of_time, save_due)
           self.preempted = preemption.reached(step)
-          if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time or self.preempted:
+          if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time or save_due or self.preempted:
             # This step's loss is checked before its state is saved: a NaN step never becomes a checkpoint.
             self.report(*pending)
             pending = None
             ckpt.save(step, self.parts.to_checkpoint(state), data_state=stages.position(), meta=self.meta)
+            last_save = time.time()
           if self.preempted:
             break
           if out_of_time and step < tc.steps:
@@ -372,6 +388,20 @@ def evaluate_and_summarize(config: ml_collections.ConfigDict, config_name: str, 
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary, results), flush=True)
   return summary
+
+
+def agree_on_clock(step: int, log_every: int, *flags: bool) -> tuple[bool, ...]:
+  """Decisions read off a clock (train.max_minutes, train.checkpoint_minutes), made the same on every process:
+  hosts' clocks differ, and a checkpoint some processes save and others do not hangs the run. One process: its
+  flags. Several: process 0's, broadcast at logged steps only (one tiny collective; no wait on every step), and
+  False at the other steps."""
+  if jax.process_count() == 1:
+    return flags
+  if step % log_every:
+    return (False,) * len(flags)
+  from jax.experimental import multihost_utils
+
+  return tuple(bool(f) for f in multihost_utils.broadcast_one_to_all(np.asarray(flags)))
 
 
 class Preemption:

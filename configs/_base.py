@@ -90,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200
   c.train.max_to_keep = 2
   c.train.max_minutes = 0.0  # >0: stop early (and checkpoint) after this much training time
+  # >0: also checkpoint whenever this many minutes passed since the last save (a preemption without notice then
+  # loses at most that much work, whatever the step time); checkpoint_every still applies
+  c.train.checkpoint_minutes = 0.0
   # Orbax checkpoints; "" -> <workdir>/checkpoints. A gs://bucket/... path goes through Orbax's own filesystem
   # layer (etils epath + gcsfs, tensorstore for the arrays; pip install -e ".[gcs]"), so a recreated spot slice
   # or a requeued job resumes from the bucket (launch/README.md).
@@ -109,4 +112,6 @@ def get_config() -> ml_collections.ConfigDict:
   # test questions per task (0 = all): scores per step in eval_curve.jsonl and the log.
   c.eval.every = 0
   c.eval.every_max_examples = 150
+  # VG samples of each eval.every evaluation drawn into TensorBoard (green reference, red predicted boxes).
+  c.eval.tensorboard_images = 4
   return c

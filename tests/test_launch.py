@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -269,23 +268,6 @@ def test_gs_paths_stay_urls_for_orbax_and_local_ones_become_absolute():
   assert checkpoint_path("runs/x") == Path("runs/x").absolute()
 
 
-def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-  """The scalars of every event file in folder (TFRecord framing read by hand, Event protos by tensorboardX)."""
-  from tensorboardX.proto import event_pb2
-
-  out: dict[str, list[tuple[int, float]]] = {}
-  for path in folder.glob("events.out.tfevents.*"):
-    data = path.read_bytes()
-    i = 0
-    while i < len(data):
-      (n,) = struct.unpack("<Q", data[i: i + 8])
-      event = event_pb2.Event.FromString(data[i + 12: i + 12 + n])
-      i += 12 + n + 4
-      for v in event.summary.value:
-        out.setdefault(v.tag, []).append((event.step, v.simple_value))
-  return out
-
-
 @pytest.mark.slow  # a phantom set, a TFDS build and two steps
 def test_trainer_writes_checkpoints_and_tensorboard_where_the_flags_say(tmp_path):
   pytest.importorskip("tensorboardX")
@@ -300,7 +282,9 @@ def test_trainer_writes_checkpoints_and_tensorboard_where_the_flags_say(tmp_path
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["2"]
   assert not (workdir / "checkpoints").exists()
-  scalars = _tensorboard_scalars(tb)
+  from bird_jax.metric_writer import read_events
+
+  scalars = read_events(tb)
   metrics = [line for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
   assert [s for s, _ in scalars["train/loss"]] == [1, 2] and len(metrics) == 2
   import json

@@ -41,10 +41,10 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _launch(n_proc: int, devices_per_proc: int, tmp_path: Path, tag: str) -> list[dict]:
+def _launch(n_proc: int, devices_per_proc: int, tmp_path: Path, tag: str, worker: str = WORKER) -> list[dict]:
   port = portpicker.pick_unused_port()
-  script = tmp_path / "worker.py"
-  script.write_text(WORKER)
+  script = tmp_path / f"worker_{tag}.py"
+  script.write_text(worker)
   procs = []
   for i in range(n_proc):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc}",
@@ -59,6 +59,29 @@ def _launch(n_proc: int, devices_per_proc: int, tmp_path: Path, tag: str) -> lis
     assert p.returncode == 0, err[-3000:]
     results += [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
   return results
+
+
+CLOCK_WORKER = textwrap.dedent("""
+  import json, os
+  import jax
+  jax.distributed.initialize(os.environ["BIRD_COORDINATOR"], int(os.environ["BIRD_NUM_PROCESSES"]),
+                             int(os.environ["BIRD_PROCESS_ID"]))
+  from bird_jax.train import agree_on_clock
+
+  i = jax.process_index()
+  # each process's own clock says something else; every process must act on process 0's reading
+  got = [agree_on_clock(step, 2, i == 0, i == 1) for step in (1, 2, 3, 4)]
+  print("RESULT", json.dumps({"process": i, "got": got}), flush=True)
+""")
+
+
+def test_clock_decisions_are_process_0s_on_every_process(tmp_path):
+  """train.max_minutes / checkpoint_minutes: both processes save and stop at the same steps (a checkpoint only
+  one process saves hangs the run): process 0's flags at logged steps (log_every 2), none between."""
+  results = _launch(2, 1, tmp_path, "clock", worker=CLOCK_WORKER)
+  assert sorted(r["process"] for r in results) == [0, 1]
+  for r in results:
+    assert r["got"] == [[False, False], [True, False], [False, False], [True, False]]
 
 
 @pytest.mark.slow

@@ -197,6 +197,21 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(prepare
   assert all(json.loads(line)["loss"] < 1e30 for line in (workdir / "metrics.jsonl").read_text().splitlines())
 
 
+def test_wall_clock_interval_checkpoints_between_checkpoint_every_steps(prepared, jit_cache, tmp_path):
+  """train.checkpoint_minutes: a save whenever that much time passed since the last one (here: every step, the
+  interval being shorter than a step), though checkpoint_every is larger than the run."""
+  workdir = fresh_workdir(prepared, tmp_path / "run")
+  r = run(workdir, "--config.train.steps=3", "--config.train.checkpoint_every=100",
+          "--config.train.checkpoint_minutes=0.00001", cache=jit_cache)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 3]
+  r = run(fresh_workdir(prepared, tmp_path / "steps_only"), "--config.train.steps=3",
+          "--config.train.checkpoint_every=100", cache=jit_cache)
+  assert r.returncode == 0, r.stderr[-2000:]
+  saved = sorted(int(p.name) for p in (tmp_path / "steps_only" / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [3]  # without the interval: the last step only
+
+
 def test_tensorboard_event_files_hold_the_metrics(reference):
   from bird_jax.metric_writer import read_events
 

@@ -276,6 +276,24 @@ def test_model_mode_eval_predictions_rescore_to_its_metrics(ref, model_eval):
         "class_prior": refs["baseline_class_prior"][t]["mean_nonempty"]} for t in ("VG", "RO")}
 
 
+def test_each_evaluation_draws_its_vg_boxes_into_tensorboard(ref):
+  """eval.every=2 over 6 steps: evaluations at steps 2 and 4, each with eval.tensorboard_images VG samples drawn
+  (green reference box, red prediction) under one tag per slot, with the image's name beside it."""
+  from bird_jax.metric_writer import read_events, read_images
+  from bird_jax.report import REF_COLOUR
+
+  images = read_images(ref["workdir"] / "tensorboard")
+  slots = sorted(t for t in images if t.startswith("eval_boxes/VG_"))
+  assert slots and len(slots) <= 4
+  for tag in slots:
+    assert [s for s, _ in images[tag]] == [2, 4]
+    for _, im in images[tag]:
+      assert im.ndim == 3 and min(im.shape[:2]) >= 256
+      colours = {tuple(c) for c in im.reshape(-1, 3)}
+      assert REF_COLOUR in colours  # the reference box is always drawn
+    assert [s for s, _ in read_events(ref["workdir"] / "tensorboard")[tag + "_image"]] == [2, 4]
+
+
 def test_model_mode_eval_baselines_are_recomputed_from_the_training_file(ref, model_eval):
   """The constant answers (mean training box; most frequent class) and the class prior (VG: the named class's
   mean training box; RO: the class of the image's modality whose mean training box centre is nearest the asked

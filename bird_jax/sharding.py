@@ -86,9 +86,34 @@ def rules_from_config(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], 
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
-  """NamedShardings for a pytree produced under `nn.with_logical_partitioning` (boxed or specs)."""
+  """NamedShardings for a pytree produced under `nn.with_logical_partitioning` (boxed or specs). A dim that does
+  not divide over its mesh axes is a one-line ConfigError naming the param, its logical axis and the fix (XLA's
+  own error names neither)."""
   specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  _check_divisible(abstract_tree, shardings, mesh)
+  return shardings
+
+
+def _check_divisible(abstract_tree, shardings, mesh: Mesh) -> None:
+  from bird_jax.config_util import ConfigError
+
+  def check(path, boxed, sharding) -> None:
+    if not isinstance(boxed, nn.LogicallyPartitioned):
+      return
+    names = boxed.names
+    for dim, (size, axes) in enumerate(zip(boxed.value.shape, sharding.spec, strict=False)):
+      axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+      parts = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+      if size % parts:
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise ConfigError(
+          f"mesh {dict(mesh.shape)}: param {where} {tuple(boxed.value.shape)} has {size} along '{names[dim]}', "
+          f"which does not divide over mesh axes {'x'.join(axes)} ({parts} devices); choose a --config.mesh.shape "
+          "whose axes divide the model's dims (e.g. tensor=1, or a tensor size dividing the head counts)")
+
+  jax.tree_util.tree_map_with_path(check, abstract_tree, shardings,
+                                   is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

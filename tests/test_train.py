@@ -290,3 +290,13 @@ def test_format_scores_names_each_reference_it_has():
   assert format_scores(summary) == ("VG recall@0.5 0.310 (baseline 0.004, class prior 0.110), "
                                     "RO accuracy 0.500 (class prior 0.250)")
   assert format_scores({"VG": {"model": {"recall@0.5": 0.31}}}) == "VG recall@0.5 0.310"
+
+
+def test_a_mesh_axis_that_does_not_divide_a_weight_is_one_line_naming_param_and_axis():
+  """tensor=8 over the tiny model's 4 heads: a ConfigError (one line from the CLIs) instead of XLA's
+  IndivisibleError deep in the jitted init."""
+  from bird_jax.config_util import ConfigError
+
+  mesh = shd.make_mesh((1, 1, 8), jax.devices()[:8])
+  with pytest.raises(ConfigError, match=r"has 4 along 'heads', which does not divide over mesh axes tensor \(8 "):
+    create_state_shardings(CFG, lambda p: optax.adam(1e-3), mesh, shd.DEFAULT_RULES, seed=0)

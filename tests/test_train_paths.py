@@ -291,7 +291,8 @@ def test_each_evaluation_draws_its_vg_boxes_into_tensorboard(ref):
       assert im.ndim == 3 and min(im.shape[:2]) >= 256
       colours = {tuple(c) for c in im.reshape(-1, 3)}
       assert REF_COLOUR in colours  # the reference box is always drawn
-    assert [s for s, _ in read_events(ref["workdir"] / "tensorboard")[tag + "_image"]] == [2, 4]
+    # tensorboardX files text under "<tag>/text_summary"
+    assert [s for s, _ in read_events(ref["workdir"] / "tensorboard")[tag + "_image/text_summary"]] == [2, 4]
 
 
 def test_model_mode_eval_baselines_are_recomputed_from_the_training_file(ref, model_eval):

@@ -40,6 +40,18 @@ config_name() {
   done
 }
 
+# After a GPU launcher has read its own flags, with the trainer's arguments in ARGS: sets CONFIG (required),
+# RUN_NAME (default: the config) and, with --bucket (BUCKET), appends the bucket convention's flags to ARGS.
+finish_trainer_args() {
+  CONFIG=$(config_name "${ARGS[@]+"${ARGS[@]}"}")
+  [[ -n $CONFIG ]] || die "pass the trainer's --config=NAME after --"
+  RUN_NAME=${RUN_NAME:-$CONFIG}
+  if [[ -n $BUCKET ]]; then
+    local line
+    while IFS= read -r line; do ARGS+=("$line"); done < <(bucket_flags "$BUCKET" "$RUN_NAME" /mnt/gcs)
+  fi
+}
+
 # gs://bucket/prefix -> the trainer flags of the bucket convention (one per line):
 #   checkpoints  gs://bucket/prefix/runs/RUN/checkpoints   (Orbax, through etils epath + gcsfs / tensorstore)
 #   TensorBoard  gs://bucket/prefix/runs/RUN/tensorboard   (tensorboardX's GCS writer, google-cloud-storage)

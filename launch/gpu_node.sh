@@ -31,15 +31,10 @@ while (($#)); do
   shift
 done
 ARGS=("$@")
-CONFIG=$(config_name "${ARGS[@]+"${ARGS[@]}"}")
-[[ -n $CONFIG ]] || die "pass the trainer's --config=NAME after --"
-RUN_NAME=${RUN_NAME:-$CONFIG}
+finish_trainer_args
 LOG_DIR=${LOG_DIR:-runs/launch/$RUN_NAME}
 if [[ -z $GPUS ]]; then
   if [[ $DRY_RUN == 1 ]] && ! command -v nvidia-smi >/dev/null; then GPUS=8; else GPUS=$(nvidia-smi -L | wc -l); fi
-fi
-if [[ -n $BUCKET ]]; then
-  while IFS= read -r line; do ARGS+=("$line"); done < <(bucket_flags "$BUCKET" "$RUN_NAME" /mnt/gcs)
 fi
 DEVICES=$(seq -s, 0 $((GPUS - 1)))
 

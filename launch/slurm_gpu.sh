@@ -34,14 +34,9 @@ while (($#)); do
   shift
 done
 ARGS=("$@")
-CONFIG=$(config_name "${ARGS[@]+"${ARGS[@]}"}")
-[[ -n $CONFIG ]] || die "pass the trainer's --config=NAME after --"
+finish_trainer_args
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "--nodes=N is required"
-RUN_NAME=${RUN_NAME:-$CONFIG}
 LOG_DIR=${LOG_DIR:-$ROOT/runs/launch/$RUN_NAME}
-if [[ -n $BUCKET ]]; then
-  while IFS= read -r line; do ARGS+=("$line"); done < <(bucket_flags "$BUCKET" "$RUN_NAME" /mnt/gcs)
-fi
 
 # shellcheck disable=SC2054  # the commas are inside --export=ALL,... , not between elements
 SB=(sbatch --job-name="bird-$RUN_NAME" --nodes="$NODES" --ntasks-per-node="$GPN" --gpus-per-node="$GPN"

@@ -112,15 +112,9 @@ class Checkpointer:
     self.manager.save(step, args=args, force=True)
 
   def _restore_step(self, abstract_state: Any, step: int, expect_meta: dict | None):
-    restored = self.manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore(),
-      ),
-    )
-    meta = restored.meta
+    # The metadata first: a checkpoint of another setup (scan_layers, LoRA) is refused before its state is read
+    # into a target of another shape, which would fail like a damaged step and be set aside.
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     if not isinstance(meta, dict) or meta.get("step") != step:
       raise ValueError(f"meta is {str(meta)[:80]!r}, not this step's metadata")
     meta = dict(meta)
@@ -131,6 +125,8 @@ class Checkpointer:
           f"checkpoint {self.directory}/{step} was written with {key}={have}, this run has {key}={want}; "
           f"use a fresh --config.workdir or the same setting"
         )
+    restored = self.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     data_state = restored.data
     if not isinstance(data_state, dict):
       raise ValueError(f"data is a {type(data_state).__name__}, not the iterator state")

@@ -26,7 +26,7 @@ def load_checkpoint(config, checkpoint: str | Path, *, merge_lora: bool = True):
   from bird_jax.model import QwenVL
   from bird_jax.model.lora import merge_adapters
   from bird_jax.prepare import prepare
-  from bird_jax.train_step import build_train_step, fresh_state, model_config_from
+  from bird_jax.train_step import build_train_step, fresh_state, lora_base, lora_fields, model_config_from
 
   path = Path(checkpoint).absolute()
   step = None
@@ -41,13 +41,11 @@ def load_checkpoint(config, checkpoint: str | Path, *, merge_lora: bool = True):
   parts = build_train_step(config, model_cfg, mesh)  # the state layout training wrote (the step is not compiled)
   ckpt = Checkpointer(path)
   with jax.set_mesh(mesh):
-    state, _, meta = ckpt.restore(parts.checkpoint_target(), step)
+    # a LoRA checkpoint goes on the base it was trained on: another one is refused (CheckpointMismatch)
+    expect = {"lora": lora_fields(config), "base": lora_base(config)} if parts.trained_only else None
+    state, _, meta = ckpt.restore(parts.checkpoint_target(), step, expect_meta=expect)
     ckpt.close()
     if parts.trained_only:
-      base = config.init_from or f"random init, seed {config.seed}"
-      if meta.get("base", base) != base:
-        raise ValueError(f"{path}: this LoRA checkpoint was trained on {meta['base']!r}, not {base!r}; pass the "
-                         "run's own --config.init_from (and --config.seed)")
       state = parts.from_checkpoint(state, fresh_state(config.init_from, model_cfg, parts.tx, parts.init_state,
                                                        parts.state_shardings))
     params = state["params"]

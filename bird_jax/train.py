@@ -40,6 +40,7 @@ from bird_jax.train_step import (
   fresh_state,
   host_batch,
   images_per_row,
+  lora_base,
   lora_fields,
   model_config_from,
   prune,
@@ -159,7 +160,7 @@ def build_mesh_and_step(config: ml_collections.ConfigDict, model_cfg):
 def restore_or_init(config: ml_collections.ConfigDict, config_name: str, model_cfg, mesh, parts, workdir: Path):
   """(checkpointer, checkpoint meta, state, data position): the newest checkpoint that restores and verifies,
   else a fresh state (from config.init_from or random) placed straight into its shardings."""
-  from bird_jax.checkpoint import Checkpointer, DamagedCheckpoint
+  from bird_jax.checkpoint import Checkpointer, CheckpointMismatch, DamagedCheckpoint
   from bird_jax.model import param_count
   from bird_jax.model.lora import lora_mask
 
@@ -170,7 +171,7 @@ def restore_or_init(config: ml_collections.ConfigDict, config_name: str, model_c
   meta = {"config": config_name, "mesh": list(mesh.devices.shape), "processes": jax.process_count(),
           "scan_layers": model_cfg.scan_layers, "lora": lora_fields(config)}
   if parts.trained_only:  # the checkpoint holds the trained params only: this is the base they go on
-    meta["base"] = config.init_from or f"random init, seed {config.seed}"
+    meta["base"] = lora_base(config)
     log.info("LoRA: %s trained params (adapters %s), optimizer state %.1f MiB; frozen base in %s",
              f"{param_count(parts.to_checkpoint(abstract_state)['params']):,}",
              f"{param_count(prune(abstract_state['params'], lora_mask(abstract_state['params']))):,}",
@@ -179,10 +180,10 @@ def restore_or_init(config: ml_collections.ConfigDict, config_name: str, model_c
   with jax.set_mesh(mesh):
     if ckpt.latest_step() is not None:
       try:  # the newest step that restores and verifies; damaged newer ones are set aside with one warning
-        state, data_state, _ = ckpt.restore(parts.checkpoint_target(),
-                                            expect_meta={k: meta[k] for k in ("scan_layers", "lora")},
+        expect = {k: meta[k] for k in ("scan_layers", "lora", "base") if k in meta}
+        state, data_state, _ = ckpt.restore(parts.checkpoint_target(), expect_meta=expect,
                                             set_aside=True)
-      except DamagedCheckpoint as e:
+      except (DamagedCheckpoint, CheckpointMismatch) as e:
         raise ConfigError(str(e)) from None
       if parts.trained_only:
         state = parts.from_checkpoint(state, fresh_state(config.init_from, model_cfg, tx, init_state,

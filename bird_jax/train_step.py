@@ -67,6 +67,11 @@ def uses_lora(config: ml_collections.ConfigDict) -> bool:
   return bool(lora_fields(config)["lora_rank"])
 
 
+def lora_base(config: ml_collections.ConfigDict) -> str:
+  """The frozen base a LoRA checkpoint's trained params go on, as its metadata names it."""
+  return config.init_from or f"random init, seed {config.seed}"
+
+
 # ------------------------------------------------------------------------------------------------ optimizer
 
 

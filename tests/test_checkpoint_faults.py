@@ -18,7 +18,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bird_jax.checkpoint import Checkpointer, DamagedCheckpoint, state_checksums
+from bird_jax.checkpoint import Checkpointer, CheckpointMismatch, DamagedCheckpoint, state_checksums
 
 
 def make_state(seed: int) -> dict:
@@ -111,6 +111,20 @@ def test_no_valid_step_is_one_line(two_steps):
   msg = str(e.value)
   assert "\n" not in msg and "step 2:" in msg and "step 1:" in msg and "move that folder away" in msg
   assert (two_steps / "1").is_dir() and (two_steps / "2").is_dir()  # nothing deleted without set_aside
+
+
+def test_a_checkpoint_of_another_setup_is_refused_before_its_state_is_read(tmp_path):
+  """Another LoRA rank (or scan_layers) also means another state shape: the metadata is compared first, so the
+  run gets CheckpointMismatch naming both settings instead of the step failing to restore, being taken for
+  damaged and set aside."""
+  ckpt = Checkpointer(tmp_path / "ckpt")
+  ckpt.save(1, make_state(1), data_state={"next_index": 10}, meta={"lora": {"lora_rank": 4}})
+  ckpt.close()
+  other_shape = {**make_state(0), "params": {"w": jnp.zeros((64, 8)), "b": jnp.zeros((32,), jnp.bfloat16)}}
+  with pytest.raises(CheckpointMismatch, match=r"written with lora=\{'lora_rank': 4\}, this run has lora="):
+    Checkpointer(tmp_path / "ckpt").restore(abstract_of(other_shape), expect_meta={"lora": {"lora_rank": 8}},
+                                            set_aside=True)
+  assert (tmp_path / "ckpt" / "1").is_dir() and not (tmp_path / "ckpt.damaged").exists()
 
 
 def test_leftover_tmp_folder_is_not_a_step(two_steps):

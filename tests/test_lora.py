@@ -233,10 +233,10 @@ def test_a_lora_run_checkpoints_trained_params_only_resumes_and_exports(tmp_path
           "--config.train.lr=1e-3"]
   work = tmp_path / "run"
 
-  def train(*extra):
+  def train(*extra, rc=0):
     done = subprocess.run([sys.executable, "-m", "bird_jax.train", *TOY, *lora, f"--config.workdir={work}", *extra],
                           cwd=ROOT, env=env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.returncode == rc, done.stdout[-2000:] + done.stderr[-3000:]
     return done
 
   first = train()
@@ -258,6 +258,11 @@ def test_a_lora_run_checkpoints_trained_params_only_resumes_and_exports(tmp_path
   train()
   resumed = losses(work)
   assert sorted(resumed) == [3, 4] and all(resumed[s] == reference[s] for s in resumed)
+  # another rank on the same checkpoints: one line naming both settings; nothing is set aside as damaged
+  refused = train("--config.lora.rank=8", rc=2)
+  last = refused.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: checkpoint ") and "was written with lora=" in last and "'lora_rank': 8" in last
+  assert (work / "checkpoints" / "4").is_dir() and not (work / "checkpoints.damaged").exists()
 
   # export: merged Hugging Face weights give the LoRA model's logits; --peft writes the adapters alone
   from bird_jax.config_util import parse_config_flags
